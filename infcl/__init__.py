@@ -1,0 +1,7 @@
+"""infcl: exact contrastive (InfoNCE / CLIP) losses at batch sizes that no longer fit as B x B."""
+
+from infcl.chunked import chunked_loss
+from infcl.naive import naive_loss
+
+__all__ = ["naive_loss", "chunked_loss"]
+__version__ = "0.1.0"

@@ -1,0 +1,39 @@
+"""jaxtyping aliases and the compile-aware runtime check used on the public functions."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TypeVar, Union
+
+import torch
+from beartype import beartype
+from jaxtyping import Float, Int, jaxtyped
+from torch import Tensor
+
+__all__ = ["Rows", "Cols", "Labels", "Scale", "Loss", "typechecked"]
+
+Rows = Float[Tensor, "m d"]
+Cols = Float[Tensor, "n d"]
+Labels = Int[Tensor, " m"]
+Scale = Union[float, int, Float[Tensor, ""]]
+Loss = Float[Tensor, "..."]
+
+F = TypeVar("F", bound=Callable)
+
+
+def typechecked(fn: F) -> F:
+    """Check jaxtyping annotations with beartype in eager mode; trace the bare function under compile.
+
+    Runtime checking calls Python machinery that dynamo cannot trace, so it would break a
+    `torch.compile(fullgraph=True)` graph; while compiling, the undecorated function runs.
+    """
+    checked = jaxtyped(typechecker=beartype)(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        return checked(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,46 @@
+"""The spec: materialised logits and `F.cross_entropy`. O(M * N) memory; use it to check the others."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from infcl._spec import acc_dtype, checked, describe, scale_tensor
+from infcl._typing import Cols, Labels, Loss, Rows, Scale, typechecked
+
+
+@checked
+@typechecked
+def naive_loss(
+    q: Rows,
+    k: Cols,
+    scale: Scale = 1.0,
+    *,
+    labels: Labels | None = None,
+    symmetric: bool = False,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+) -> Loss:
+    """Contrastive loss from the materialised `[M, N]` logit matrix (the reference)."""
+    acc = acc_dtype(q)
+    logits = (q.to(acc) @ k.to(acc).T) * scale_tensor(scale, q)
+    if not symmetric:
+        target = labels.long() if labels is not None else torch.arange(q.shape[0], device=q.device)
+        return F.cross_entropy(logits, target, reduction=reduction, ignore_index=ignore_index)
+    diag = torch.arange(q.shape[0], device=q.device)
+    per = 0.5 * (
+        F.cross_entropy(logits, diag, reduction="none")
+        + F.cross_entropy(logits.T, diag, reduction="none")
+    )
+    if reduction == "none":
+        return per
+    return per.sum() if reduction == "sum" else per.mean()
+
+
+describe(
+    naive_loss,
+    extra="""
+    Memory: O(M * N) for the logits (and the same again for their gradient). This is the
+    specification the other losses are tested against, not a path for large batches.
+    """,
+)
