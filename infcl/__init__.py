@@ -1,7 +1,8 @@
 """infcl: exact contrastive (InfoNCE / CLIP) losses at batch sizes that no longer fit as B x B."""
 
 from infcl.chunked import chunked_loss
+from infcl.inf import inf_loss
 from infcl.naive import naive_loss
 
-__all__ = ["naive_loss", "chunked_loss"]
+__all__ = ["naive_loss", "chunked_loss", "inf_loss"]
 __version__ = "0.1.0"

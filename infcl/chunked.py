@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from infcl._autograd import register_block_autograd
 from infcl._spec import acc_dtype, assemble, checked, describe, scale_tensor, target_columns
 from infcl._typing import Cols, Labels, Loss, Rows, Scale, typechecked
 
@@ -47,6 +48,8 @@ def chunked_fwd(
     row = torch.empty(m, dtype=acc, device=q.device)
     pos = torch.empty(m, dtype=acc, device=q.device)
     col = torch.full((n if want_col else 0,), float("-inf"), dtype=acc, device=q.device)
+    if m == 0 or n == 0:
+        return row.fill_(float("-inf")), col, pos.zero_()
     for a in range(0, m, cs):
         b = min(a + cs, m)
         st = (q[a:b].to(acc) @ kt) * s
@@ -88,7 +91,9 @@ def chunked_bwd(
     dq = torch.empty(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     ds = torch.zeros((), dtype=acc, device=q.device)
-    for a in range(0, m, cs):
+    if n == 0:
+        dq.zero_()
+    for a in range(0, m if n > 0 else 0, cs):
         b = min(a + cs, m)
         qc = q[a:b].to(acc)
         st = (qc @ kf.T) * s
@@ -109,25 +114,7 @@ def _(q, k, scale, labels, col_offset, row_lse, col_lse, g_row, g_col, g_pos, ch
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(scale)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, scale, labels, col_offset, want_col, chunk_size = inputs
-    row, col, _ = output
-    ctx.save_for_backward(q, k, scale, labels, row, col)
-    ctx.col_offset, ctx.chunk_size = col_offset, chunk_size
-
-
-def _backward(ctx, g_row, g_col, g_pos):
-    q, k, scale, labels, row, col = ctx.saved_tensors
-    g_row = torch.zeros_like(row) if g_row is None else g_row
-    g_col = torch.zeros_like(col) if g_col is None else g_col
-    g_pos = torch.zeros_like(row) if g_pos is None else g_pos
-    dq, dk, ds = chunked_bwd(
-        q, k, scale, labels, ctx.col_offset, row, col, g_row, g_col, g_pos, ctx.chunk_size
-    )
-    return dq, dk, ds, None, None, None, None
-
-
-chunked_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_block_autograd(chunked_fwd, chunked_bwd)
 
 
 @checked
