@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import textwrap
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -58,7 +59,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 def describe(fn: F, *, extra: str) -> F:
     """Attach the shared spec plus this loss's own memory bound and arguments to its docstring."""
     summary = (fn.__doc__ or "").strip()
-    fn.__doc__ = f"{summary}\n{SPEC_DOC}\n{inspect.cleandoc(extra)}\n"
+    # Indent `extra` like SPEC_DOC so that `inspect.cleandoc` (help(), mkdocstrings) dedents both.
+    fn.__doc__ = f"{summary}\n{SPEC_DOC}\n{textwrap.indent(inspect.cleandoc(extra), '    ')}\n"
     return fn
 
 

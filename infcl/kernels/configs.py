@@ -1,4 +1,5 @@
-"""Fixed tile configurations, the one place they live. Autotuning is not used by default."""
+"""Fixed tile configurations, the one place they live. Autotuning is not used by default; the
+values below won a sweep on an H100 at B=65536, D=512 (benchmarks/tune_tiles.py, NOTES.md)."""
 
 from __future__ import annotations
 
@@ -20,16 +21,45 @@ class Tile:
     num_stages: int
 
 
-def tile_for(dtype: torch.dtype) -> Tile:
-    """The tile for one logits kernel. Small tiles under the interpreter keep CPU tests fast and
-    make several tiles (and ragged edges) appear even at small shapes."""
+INTERPRET_TILE = Tile(16, 16, 16, 1, 1)
+"""Small tiles under the interpreter keep CPU tests fast and make several tiles (and ragged
+edges) appear even at small shapes."""
+
+
+def fwd_tile(dtype: torch.dtype) -> Tile:
+    """Tile of the forward log-sum-exp kernel."""
     if INTERPRET:
-        return Tile(16, 16, 16, 1, 1)
+        return INTERPRET_TILE
     if dtype == torch.float32:
-        return Tile(128, 64, 32, 8, 3)
-    return Tile(128, 128, 64, 8, 3)
+        return Tile(128, 128, 32, 8, 3)
+    return Tile(128, 256, 32, 8, 4)
+
+
+def bwd_tile(dtype: torch.dtype) -> Tile:
+    """Tile of the backward logit-gradient kernel."""
+    if INTERPRET:
+        return INTERPRET_TILE
+    if dtype == torch.float32:
+        return Tile(64, 128, 32, 4, 3)
+    return Tile(64, 128, 64, 4, 3)
+
+
+PARTS = 16
+"""The forward splits rows and columns into at most this many partitions each (P x Q programs,
+enough to keep two programs on every SM)."""
+
+BWD_PARTS = 2
+"""The backward's programs each take one row block and 1/BWD_PARTS of a block's columns."""
+
+
+def split(size: int, block: int, most: int) -> tuple[int, int]:
+    """(number of parts, elements per part, a multiple of `block`) for one axis."""
+    blocks = -(-size // block)
+    count = min(blocks, most)
+    per = -(-blocks // count) * block
+    return -(-size // per), per
 
 
 BWD_BLOCK = 8192
-"""Side of the square block of probabilities the backward materialises before its two GEMMs
+"""Side of the square block of logit gradients the backward materialises before its two GEMMs
 (at most BWD_BLOCK**2 elements: 128 MiB in bf16). Tests lower it to exercise the block loops."""
