@@ -3,7 +3,7 @@
 All distributed tests share one pool of 4 spawned ranks (see dist_utils.py): world sizes 1..4
 are subgroups of it. Hypothesis draws the sharded problems in this process (derandomized); every
 rank replays the same list and checks its own loss and gradients against naive_loss on the
-whole batch, so one spawn serves hundreds of checks.
+whole batch, so one spawn serves every problem (about 70 of them).
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ pytestmark = pytest.mark.dist
 
 DRAWN_PER_WORLD = 15
 
+BIG_LOGITS = Sharded(ms=(3, 3, 3, 3), ns=(3, 3, 3, 3), d=7, symmetric=True, scale=100.0)
+"""Inf-CL defect 6: scale 100 on gaussian rows puts logits far beyond 88.7 (exp overflows)."""
+
 PINNED = [
     # Inf-CL defect 8: every positive lives on another rank (global labels).
     Sharded(ms=(3, 2), ns=(2, 4), d=5, labels=(5, 4, 3, 0, 1)),
@@ -35,8 +38,8 @@ PINNED = [
     Sharded(ms=(2, 2), ns=(1, 3), d=3, labels=(-100, -100, 0, 3)),
     # ignore_index equal to a real column: the ignore rule wins.
     Sharded(ms=(2, 1, 2), ns=(2, 2, 1), d=2, labels=(1, 4, 1, 0, 3), ignore_index=1),
-    # Inf-CL defect 6: scale 100 on gaussian rows, logits far beyond 88.7; bf16 on the wire.
-    Sharded(ms=(3, 3, 3, 3), ns=(3, 3, 3, 3), d=7, symmetric=True, scale=100.0),
+    BIG_LOGITS,
+    # bf16 keys on the wire at scale 100.
     Sharded(ms=(3, 4, 2, 3), ns=(3, 4, 2, 3), d=7, symmetric=True, scale=100.0, dtype="bfloat16",
             unit=True, reduction="none"),
     Sharded(ms=(1,), ns=(1,), d=1),
@@ -282,3 +285,5 @@ def test_pinned_cases_are_valid():
         q, k, labels = p.batch()
         kw = p.spec_kwargs() | {"reduction": "none"}
         assert naive_loss(q.double(), k.double(), p.scale, **kw).shape == (sum(p.ms),)
+    q, k, _ = BIG_LOGITS.batch()
+    assert float((q @ k.T).max()) * BIG_LOGITS.scale > 200.0
