@@ -1,0 +1,53 @@
+# `make demo` and `make test` build .venv on first use and reinstall only when pyproject.toml changes.
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := test
+
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+LINT_PATHS := $(wildcard infcl tests examples docs/*.py)
+
+.PHONY: install demo test lint pytest interpret docs
+
+$(BIN)/python:
+	python3 -m venv $(VENV)
+
+# torch and triton are pinned first so that pip keeps the local CPU build of torch
+# (found through /opt/wheels) instead of pulling a multi-GB CUDA build from the index.
+# The grep drops pip's notes about local index folders it does not need.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0 triton==3.6.0 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	$(BIN)/pip install -q -e '.[test,docs,bench]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/demo_naive_vs_chunked.py
+
+test: lint pytest interpret docs
+
+lint: $(STAMP)
+	$(BIN)/ruff check -q $(LINT_PATHS)
+
+# Skipped only while tests/ has no test file; after that any failure counts, even exit code 5
+# (nothing collected).
+pytest: $(STAMP)
+	@if ! compgen -G 'tests/test_*.py' >/dev/null; then \
+		echo "pytest: no tests/test_*.py yet, nothing to run"; exit 0; fi; \
+	echo "pytest -q tests"; \
+	$(BIN)/pytest -q tests
+
+# Kernel logic on CPU: the tests marked `interpret` again, with Triton's interpreter.
+# Its output is shown unless nothing was selected (exit code 5), which is not a failure.
+interpret: $(STAMP)
+	@if ! compgen -G 'tests/test_*.py' >/dev/null; then exit 0; fi; \
+	echo "TRITON_INTERPRET=1 pytest -q tests -m interpret"; \
+	rc=0; out=$$(TRITON_INTERPRET=1 $(BIN)/pytest -q tests -m interpret 2>&1) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "(no tests marked interpret yet)"; exit 0; fi; \
+	echo "$$out"; exit $$rc
+
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q
