@@ -1,0 +1,176 @@
+"""One tolerance table and one comparison against the spec, shared by the tests of every loss.
+
+Ground truth is `naive_loss` in float64 on the very inputs the implementation sees (already
+rounded to the low dtype), so only the implementation's own arithmetic is measured. For each of
+the loss, dq, dk and dscale, with `err(x) = ||x - x64|| / max(||x64||, NORM_FLOOR)`:
+
+    err(impl) <= c * err(naive_loss in the same dtype) + FLOOR[dtype]
+
+The error is relative for outputs of norm >= NORM_FLOOR and absolute below it. A purely relative
+error (a tiny denominator) fails correct code whenever the exact value is 0 or nearly so while
+the terms that produce it are not: gradients that cancel exactly by symmetry (unit rows in D=1)
+come out of any tiled sum as ~1e-17 instead of 0, and a loss of 1e-10 next to logits of 20 is
+known only to ~eps * 20 absolute once `LSE - S[i, y_i]` is formed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from infcl import naive_loss
+
+FLOOR: dict[torch.dtype | str, float] = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    # float32 inputs on a GPU whose matmuls run in TF32 (look it up with this key explicitly).
+    "tf32": 2e-3,
+    torch.bfloat16: 2e-2,
+    torch.float16: 5e-3,
+}
+NORM_FLOOR = 1.0
+TINY = torch.finfo(torch.float64).tiny
+SPEC_KWARGS = ("labels", "symmetric", "reduction", "ignore_index")
+"""Arguments every loss shares; any other keyword (chunk_size, group) goes to the impl only."""
+
+LossFn = Callable[..., Tensor]
+
+
+class Result(NamedTuple):
+    loss: Tensor
+    dq: Tensor
+    dk: Tensor
+    dscale: Tensor | None  # None when scale was a Python number
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The loss dtype the contract promises for inputs of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def run(
+    fn: LossFn, q: Tensor, k: Tensor, scale: float | Tensor, *, cotangent: Tensor | None = None,
+    **kw: Any,
+) -> Result:
+    """Loss and the gradients of `loss.sum()` (of `(loss * cotangent).sum()` if given) for any loss.
+
+    q, k and a tensor scale are copied into fresh leaves that require grad.
+    """
+    q = q.detach().clone().requires_grad_()
+    k = k.detach().clone().requires_grad_()
+    s = scale.detach().clone().requires_grad_() if isinstance(scale, Tensor) else scale
+    loss = fn(q, k, s, **kw)
+    grad = torch.ones_like(loss) if cotangent is None else cotangent.to(loss)
+    loss.backward(grad)
+    return Result(loss.detach(), q.grad, k.grad, s.grad if isinstance(s, Tensor) else None)
+
+
+def ground_truth(
+    q: Tensor, k: Tensor, scale: float | Tensor, *, cotangent: Tensor | None = None, **kw: Any
+) -> Result:
+    """naive_loss on float64 upcasts of the same inputs (no new rounding: the upcast is exact)."""
+    s64 = scale.detach().double() if isinstance(scale, Tensor) else scale
+    return run(naive_loss, q.double(), k.double(), s64, cotangent=cotangent, **kw)
+
+
+def make_cotangent(m: int, seed: int) -> Tensor:
+    """A random float64 cotangent whose values are exact in float32 too (so every run sees them)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(m, generator=gen, dtype=torch.float64).float().double()
+
+
+def rel_err(x: Tensor, ref: Tensor, norm_floor: float = NORM_FLOOR) -> float:
+    """||x - ref|| / max(||ref||, norm_floor) over the entries where both are finite."""
+    both = torch.isfinite(x) & torch.isfinite(ref)
+    diff = (x.double() - ref)[both].norm()
+    return float(diff / max(float(ref[both].norm()), norm_floor, TINY))
+
+
+def assert_close_to_naive(
+    fn: LossFn,
+    q: Tensor,
+    k: Tensor,
+    scale: float | Tensor,
+    *,
+    dtype: torch.dtype,
+    c: float = 2.0,
+    floor: float | None = None,
+    norm_floor: float = NORM_FLOOR,
+    seed: int = 0,
+    poison: bool = True,
+    **kw: Any,
+) -> None:
+    """Check fn's loss, dq, dk, dscale against the float64 spec with the tolerance rule above.
+
+    q and k are rounded to `dtype` first; a tensor scale is used as given (its dtype is the
+    caller's choice). `kw` holds the shared arguments plus fn's own (e.g. chunk_size), which the
+    references do not get. With reduction="none" the gradients are of a random weighting of the
+    per-row losses (drawn from `seed`), not of their plain sum. `norm_floor=0` makes every error
+    purely relative, for a test about precision on small values. With `poison`, fn runs forward
+    and backward inside `poisoned_memory()`, so an output element it never writes shows up as NaN.
+    """
+    spec_kw = {key: v for key, v in kw.items() if key in SPEC_KWARGS}
+    q, k = q.to(dtype), k.to(dtype)
+    cot = make_cotangent(q.shape[0], seed) if kw.get("reduction") == "none" else None
+    truth = ground_truth(q, k, scale, cotangent=cot, **spec_kw)
+    ref = run(naive_loss, q, k, scale, cotangent=cot, **spec_kw)
+    with poisoned_memory() if poison else contextlib.nullcontext():
+        got = run(fn, q, k, scale, cotangent=cot, **kw)
+    floor = FLOOR[dtype] if floor is None else floor
+
+    expected_dtypes = {
+        "loss": acc_dtype(dtype),
+        "dq": dtype,
+        "dk": dtype,
+        "dscale": scale.dtype if isinstance(scale, Tensor) else None,
+    }
+    lines, failed = [], []
+    for name, x, x_ref, x64 in zip(Result._fields, got, ref, truth, strict=True):
+        if x64 is None:
+            assert x is None, f"{name}: expected None for a Python-number scale, got {x}"
+            continue
+        assert x is not None, f"{name}: no gradient"
+        want_dtype = expected_dtypes[name]
+        assert x.dtype == want_dtype, f"{name}: dtype {x.dtype}, want {want_dtype}"
+        assert x.shape == x64.shape, f"{name}: shape {tuple(x.shape)}, want {tuple(x64.shape)}"
+        # Finite wherever the exact value is finite and fits the output dtype; non-finite where
+        # the exact value is.
+        fits = torch.isfinite(x64) & (x64.abs() <= torch.finfo(x.dtype).max)
+        if not bool(torch.isfinite(x)[fits].all()):
+            failed.append(name)
+            lines.append(f"{name}: non-finite where the float64 spec is finite")
+        if bool(torch.isfinite(x)[~torch.isfinite(x64)].any()):
+            failed.append(name)
+            lines.append(f"{name}: finite where the float64 spec is not")
+        e_impl, e_ref = rel_err(x, x64, norm_floor), rel_err(x_ref, x64, norm_floor)
+        bound = c * e_ref + floor
+        if not e_impl <= bound:
+            failed.append(name)
+        lines.append(f"{name}: err {e_impl:.3g}, naive {dtype} err {e_ref:.3g}, bound {bound:.3g}")
+    fn_name = getattr(fn, "__name__", repr(fn))
+    assert not failed, f"{fn_name} off the spec in {failed}:\n" + "\n".join(lines)
+
+
+@contextlib.contextmanager
+def poisoned_memory() -> Iterator[None]:
+    """While active, every fresh allocation (`torch.empty` and friends) is filled with NaN.
+
+    This is PyTorch's own switch (`torch.utils.deterministic.fill_uninitialized_memory`, live
+    under deterministic mode) and works for CPU and CUDA, so an output element that an op never
+    writes reads as NaN instead of whatever the allocator last held there.
+    """
+    det = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+        torch.use_deterministic_algorithms(det, warn_only=warn_only)
+
