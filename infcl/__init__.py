@@ -3,6 +3,7 @@
 from infcl.chunked import chunked_loss
 from infcl.inf import inf_loss
 from infcl.naive import naive_loss
+from infcl.ring import ring_loss
 
-__all__ = ["naive_loss", "chunked_loss", "inf_loss"]
+__all__ = ["naive_loss", "chunked_loss", "ring_loss", "inf_loss"]
 __version__ = "0.1.0"

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -38,7 +39,8 @@ SPEC_DOC = """
         scale: Python number or 0-dim tensor (e.g. `logit_scale.exp()`); it may require grad,
             and its gradient is returned.
         labels: int tensor `[M]` of column indices, or None for the diagonal (then M == N).
-            Rows whose label equals `ignore_index` contribute nothing and leave the mean's count.
+            Rows whose label equals `ignore_index` contribute nothing and leave the mean's count
+            (with labels None no row is ignored).
         symmetric: the two-directional CLIP loss; needs M == N and `labels=None`.
         reduction: `"mean"` (default), `"sum"` or `"none"` (a vector of per-row losses).
         ignore_index: the label value that marks a row to skip.
@@ -79,8 +81,16 @@ def validate(
     *,
     allow_empty: bool = False,
     check_label_range: bool = True,
+    shard: bool = False,
 ) -> None:
-    """Raise a clear TypeError/ValueError for every input the contract rejects."""
+    """Raise a clear TypeError/ValueError for every input the contract rejects.
+
+    `shard=True` checks one rank's shard of a distributed call: empty shards are allowed, and the
+    rules that concern the global batch (diagonal shapes, label range) are left to the ring,
+    which checks them on every rank at once.
+    """
+    if shard:
+        allow_empty, check_label_range = True, False
     for name, x in (("q", q), ("k", k)):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -115,7 +125,7 @@ def validate(
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     m, n = q.shape[0], k.shape[0]
     if labels is None:
-        if m != n:
+        if m != n and not shard:
             raise ValueError(
                 f"without labels the positives are the diagonal, so q and k need as many rows: "
                 f"q {_tensor_desc(q)}; k {_tensor_desc(k)}"
@@ -152,7 +162,7 @@ def checked(fn: F) -> F:
             a = bound.arguments
             validate(
                 a["q"], a["k"], a["scale"], a["labels"], a["symmetric"], a["reduction"],
-                a["ignore_index"], allow_empty="group" in a,
+                a["ignore_index"], shard="group" in a and group_size(a["group"]) > 1,
             )
             if "chunk_size" in a:
                 cs = a["chunk_size"]
@@ -161,6 +171,26 @@ def checked(fn: F) -> F:
         return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def group_size(group: Any) -> int:
+    """Ranks in `group` (None: the default group, or 1 when no process group is initialised)."""
+    if group is None and not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+LSE_DTYPE = torch.float64
+"""Every op returns its log-sum-exp statistics in float64, whatever the input dtype: `max + log(sum)`
+formed from the fp32 pieces without rounding, so the backward's `exp(S - lse)` and the loss's
+`lse - S[i, y_i]` lose no digits to the size of the logits (naive's `S - max` is exact too).
+The cost is O(M + N) doubles."""
+
+
+def split_lse(lse: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """`lse` as `hi + lo` in `dtype`: `(S - hi) - lo` is then accurate where `S - lse` matters."""
+    hi = lse.to(dtype)
+    return hi, (lse - hi.to(lse.dtype)).to(dtype)
 
 
 def acc_dtype(x: Tensor) -> torch.dtype:
@@ -192,12 +222,13 @@ def assemble(
 ) -> Tensor:
     """Turn the pieces into the loss; autograd carries the gradients back to the pieces.
 
-    `valid` marks the rows that count (None: all). `col_lse` is used only when symmetric.
+    `valid` marks the rows that count (None: all). `col_lse` is used only when symmetric. The
+    LSEs are float64 (`LSE_DTYPE`); the loss comes out in the dtype of `pos`.
     """
     if symmetric:
-        per = 0.5 * (row_lse + col_lse) - pos
+        per = (0.5 * ((row_lse - pos) + (col_lse - pos))).to(pos.dtype)
     else:
-        per = row_lse - pos
+        per = (row_lse - pos).to(pos.dtype)
         if valid is not None:
             per = torch.where(valid, per, torch.zeros_like(per))
     if reduction == "none":

@@ -8,6 +8,7 @@ from typing import TypeVar, Union
 
 import torch
 from beartype import beartype
+from beartype.roar import BeartypeCallHintViolation
 from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
@@ -34,6 +35,9 @@ def typechecked(fn: F) -> F:
     def wrapper(*args, **kwargs):
         if torch.compiler.is_compiling():
             return fn(*args, **kwargs)
-        return checked(*args, **kwargs)
+        try:
+            return checked(*args, **kwargs)
+        except BeartypeCallHintViolation as e:  # a plain TypeError is what callers catch
+            raise TypeError(str(e)) from None
 
     return wrapper  # type: ignore[return-value]

@@ -11,7 +11,16 @@ import torch
 from torch import Tensor
 
 from infcl._autograd import register_block_autograd
-from infcl._spec import acc_dtype, assemble, checked, describe, scale_tensor, target_columns
+from infcl._spec import (
+    LSE_DTYPE,
+    acc_dtype,
+    assemble,
+    checked,
+    describe,
+    scale_tensor,
+    split_lse,
+    target_columns,
+)
 from infcl._typing import Cols, Labels, Loss, Rows, Scale, typechecked
 
 DEFAULT_TILE_ELEMENTS = 1 << 22
@@ -30,6 +39,14 @@ def _strip_pos(st: Tensor, y: Tensor, n: int) -> Tensor:
     return torch.where(hit, picked, torch.zeros_like(picked))
 
 
+def _lse(st: Tensor, dim: int) -> Tensor:
+    """log-sum-exp along `dim` as `max + log(sum(exp(st - max)))`, summed in float64."""
+    mx = st.amax(dim, keepdim=True)
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))  # all -inf or inf: no NaN
+    total = torch.exp(st - mx).sum(dim).to(LSE_DTYPE)
+    return mx.squeeze(dim).to(LSE_DTYPE) + torch.log(total)
+
+
 @torch.library.custom_op("infcl::chunked_fwd", mutates_args=())
 def chunked_fwd(
     q: Tensor, k: Tensor, scale: Tensor, labels: Tensor, col_offset: int, want_col: bool,
@@ -45,27 +62,29 @@ def chunked_fwd(
     s = scale.to(acc)
     kt = k.to(acc).T
     y = labels - col_offset
-    row = torch.empty(m, dtype=acc, device=q.device)
+    lse = dict(dtype=LSE_DTYPE, device=q.device)
+    row = torch.empty(m, **lse)
     pos = torch.empty(m, dtype=acc, device=q.device)
-    col = torch.full((n if want_col else 0,), float("-inf"), dtype=acc, device=q.device)
+    col = torch.full((n if want_col else 0,), float("-inf"), **lse)
     if m == 0 or n == 0:
         return row.fill_(float("-inf")), col, pos.zero_()
     for a in range(0, m, cs):
         b = min(a + cs, m)
         st = (q[a:b].to(acc) @ kt) * s
-        row[a:b] = torch.logsumexp(st, dim=1)
+        row[a:b] = _lse(st, 1)
         pos[a:b] = _strip_pos(st, y[a:b], n)
         if want_col:
-            col = torch.logaddexp(col, torch.logsumexp(st, dim=0))
+            col = torch.logaddexp(col, _lse(st, 0))
     return row, col, pos
 
 
 @chunked_fwd.register_fake
 def _(q, k, scale, labels, col_offset, want_col, chunk_size):
-    acc = acc_dtype(q)
     n_col = k.shape[0] if want_col else 0
-    return q.new_empty(q.shape[0], dtype=acc), q.new_empty(n_col, dtype=acc), q.new_empty(
-        q.shape[0], dtype=acc
+    return (
+        q.new_empty(q.shape[0], dtype=LSE_DTYPE),
+        q.new_empty(n_col, dtype=LSE_DTYPE),
+        q.new_empty(q.shape[0], dtype=acc_dtype(q)),
     )
 
 
@@ -85,6 +104,9 @@ def chunked_bwd(
     s = scale.to(acc)
     kf = k.to(acc)
     use_col = col_lse.numel() > 0
+    r_hi, r_lo = split_lse(row_lse, acc)
+    c_hi, c_lo = split_lse(col_lse, acc)
+    g_row, g_col, g_pos = g_row.to(acc), g_col.to(acc), g_pos.to(acc)
     y = labels - col_offset
     hit = (y >= 0) & (y < n)
     yc = y.clamp(0, max(n - 1, 0))
@@ -96,16 +118,17 @@ def chunked_bwd(
     for a in range(0, m if n > 0 else 0, cs):
         b = min(a + cs, m)
         qc = q[a:b].to(acc)
-        st = (qc @ kf.T) * s
-        p = g_row[a:b, None] * torch.exp(st - row_lse[a:b, None])
+        gc = qc @ kf.T
+        st = gc * s
+        p = g_row[a:b, None] * torch.exp((st - r_hi[a:b, None]) - r_lo[a:b, None])
         if use_col:
-            p = p + g_col[None, :] * torch.exp(st - col_lse[None, :])
+            p = p + g_col[None, :] * torch.exp((st - c_hi[None, :]) - c_lo[None, :])
         gp = torch.where(hit[a:b], g_pos[a:b], torch.zeros_like(g_pos[a:b]))
         p = p.scatter_add(1, yc[a:b, None], gp[:, None])
         pk = p @ kf
         dq[a:b] = pk * s
         dk += p.T @ qc
-        ds += (pk * qc).sum()
+        ds += (p * gc).sum()  # elementwise, as the kernels do: <q, dS k> loses digits to cancellation
     return dq.to(q.dtype), (dk * s).to(k.dtype), ds.to(scale.dtype)
 
 

@@ -8,6 +8,7 @@ import torch.distributed as dist
 from infcl._spec import assemble, checked, describe, scale_tensor, target_columns
 from infcl._typing import Cols, Labels, Loss, Rows, Scale, typechecked
 from infcl.chunked import chunked_fwd
+from infcl.dist.ring import register_block, ring_loss_impl, world_size
 
 try:
     from infcl.kernels.configs import INTERPRET
@@ -15,6 +16,7 @@ try:
     from infcl.kernels.lse_fwd import inf_fwd
 
     HAS_TRITON = True
+    register_block("inf", inf_fwd, inf_bwd, str)
 except ImportError:  # no triton on this platform: CPU tensors still work through torch tiles
     HAS_TRITON, INTERPRET = False, False
 
@@ -29,12 +31,6 @@ def _use_triton(q: torch.Tensor) -> bool:
             raise RuntimeError("inf_loss on CUDA needs triton; install it or use chunked_loss")
         return True
     return HAS_TRITON and INTERPRET and q.device.type == "cpu"
-
-
-def _world(group) -> int:
-    if group is None and not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(group)
 
 
 @checked
@@ -54,10 +50,12 @@ def inf_loss(
     """Contrastive loss from fused Triton tiles: the fastest exact path, memory linear in B."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if _world(group) > 1:
-        raise NotImplementedError("inf_loss across several ranks is not available yet")
-    if q.shape[0] == 0:
-        raise ValueError(f"empty batch: q has shape {tuple(q.shape)}")
+    if world_size(group) > 1:
+        block = "inf" if _use_triton(q) else "chunked"
+        extra = precision if block == "inf" else "0"
+        return ring_loss_impl(
+            q, k, scale, labels, symmetric, reduction, ignore_index, group, block, extra
+        )
     s = scale_tensor(scale, q)
     y = target_columns(labels, q.shape[0], q.device)
     if _use_triton(q):
@@ -80,9 +78,13 @@ describe(
     `TRITON_INTERPRET=1` is set before import, and plain torch tiles otherwise. float64 inputs
     always take the torch tiles.
 
+    Across ranks (a process group of more than one rank): the same contract and gradient
+    convention as `ring_loss` (each rank passes its shard, labels are global, each rank returns
+    the reduction of its own rows), with these kernels at every ring step.
+
     Args:
         group: process group for the ring across devices (None: the default group when one is
-            initialised). Only a single rank is supported in this version.
+            initialised; no group, or a group of one, runs on this device alone).
         precision: float32 inputs only: `"tf32"` (default, tensor cores, about 1e-3 relative
             error on logits) or `"ieee"` (full fp32 products, several times slower).
     """,

@@ -25,8 +25,10 @@ def naive_loss(
     acc = acc_dtype(q)
     logits = (q.to(acc) @ k.to(acc).T) * scale_tensor(scale, q)
     if not symmetric:
-        target = labels.long() if labels is not None else torch.arange(q.shape[0], device=q.device)
-        return F.cross_entropy(logits, target, reduction=reduction, ignore_index=ignore_index)
+        if labels is None:  # diagonal positives: ignore_index only ever applies to given labels
+            diag = torch.arange(q.shape[0], device=q.device)
+            return F.cross_entropy(logits, diag, reduction=reduction)
+        return F.cross_entropy(logits, labels.long(), reduction=reduction, ignore_index=ignore_index)
     diag = torch.arange(q.shape[0], device=q.device)
     per = 0.5 * (
         F.cross_entropy(logits, diag, reduction="none")

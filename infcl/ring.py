@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 
-from infcl._spec import describe
+from infcl._spec import checked, describe
 from infcl._typing import Cols, Labels, Loss, Rows, Scale, typechecked
 from infcl.chunked import chunked_loss
-from infcl.dist.ring import ring_loss_impl, validate_shard, world_size
+from infcl.dist.ring import ring_loss_impl, world_size
 
 
+@checked
 @typechecked
 def ring_loss(
     q: Rows,
@@ -25,12 +25,6 @@ def ring_loss(
     chunk_size: int | None = None,
 ) -> Loss:
     """Contrastive loss on the batch of all ranks, each holding a shard, with torch tiles per step."""
-    if not torch.compiler.is_compiling():
-        validate_shard(q, k, scale, labels, symmetric, reduction, ignore_index)
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-        ):
-            raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
     if world_size(group) == 1:
         return chunked_loss(
             q, k, scale, labels=labels, symmetric=symmetric, reduction=reduction,

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from infcl._spec import FLOAT_DTYPES, acc_dtype, assemble, scale_tensor, validate
+from infcl._spec import FLOAT_DTYPES, LSE_DTYPE, acc_dtype, assemble, scale_tensor, validate
 from infcl.chunked import chunked_bwd, chunked_fwd
 
 __all__ = [
@@ -211,7 +211,7 @@ def ring_fwd(
     col_off = _offsets(ns)
     y = _global_labels(labels, diagonal, m, _offsets(ms)[r])
     s = scale.detach()
-    row = torch.full((m,), float("-inf"), dtype=acc, device=q.device)
+    row = torch.full((m,), float("-inf"), dtype=LSE_DTYPE, device=q.device)
     pos = torch.zeros(m, dtype=acc, device=q.device)
     kb = k.detach().contiguous()
     trail = None  # column LSE of the block finished last step, merged over the ranks so far
@@ -254,8 +254,8 @@ def _(q, k, scale, labels, diagonal, want_col, ignore_index, group_name, block, 
     m = q.shape[0]
     n_col = k.shape[0] if want_col else 0
     return (
-        q.new_empty(m, dtype=acc),
-        q.new_empty(n_col, dtype=acc),
+        q.new_empty(m, dtype=LSE_DTYPE),
+        q.new_empty(n_col, dtype=LSE_DTYPE),
         q.new_empty(m, dtype=acc),
         torch.empty((2, w), dtype=torch.int64, device="cpu"),
     )
@@ -285,7 +285,7 @@ def ring_bwd(
     dq = torch.zeros((m, d), dtype=acc, device=q.device)
     ds = torch.zeros((), dtype=acc, device=q.device)
     kb = k.detach().contiguous()
-    stats = torch.stack([col_lse, g_col]) if want_col else None  # [2, N_src]: LSE and its grad
+    stats = torch.stack([col_lse, g_col.to(col_lse.dtype)]) if want_col else None  # [2, N_src]: LSE and its grad
     no_col = row_lse.new_empty(0)
     trail = None  # key gradient of the block finished last step, summed over the ranks so far
     for t in range(w):
@@ -358,17 +358,7 @@ def validate_shard(
     The diagonal's shape rule and the label range are properties of the global batch; the ring
     op checks them on every rank at once after exchanging shard sizes.
     """
-    if labels is None and isinstance(q, Tensor) and isinstance(k, Tensor) and q.ndim == 2 and (
-        k.ndim == 2 and q.shape[0] != k.shape[0]
-    ):
-        if not isinstance(symmetric, bool):
-            raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
-        stand_in = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-        validate(q, k, scale, stand_in, False, reduction, ignore_index, allow_empty=True,
-                 check_label_range=False)
-        return
-    validate(q, k, scale, labels, symmetric, reduction, ignore_index, allow_empty=True,
-             check_label_range=False)
+    validate(q, k, scale, labels, symmetric, reduction, ignore_index, shard=True)
 
 
 def ring_pieces(

@@ -17,6 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from infcl._autograd import register_block_autograd
+from infcl._spec import split_lse
 from infcl.kernels import configs
 from infcl.kernels.configs import INTERPRET, Tile, bwd_tile, split
 from infcl.kernels.logits import addmm32_, matmul_precision
@@ -24,9 +25,18 @@ from infcl.kernels.lse_fwd import inf_fwd
 
 
 @triton.jit
+def _softmax(b_s, b_hi, b_lo, PRECISE: tl.constexpr):
+    """exp(S - lse) with lse = hi + lo. `S - hi` is exact where S is near the LSE, which keeps
+    fp32's digits in the probabilities that matter; bf16 and fp16 take one FMA instead."""
+    if PRECISE:
+        return tl.exp2(((b_s - b_hi) - b_lo) * 1.4426950408889634)
+    return tl.exp2(b_s * 1.4426950408889634 - (b_hi + b_lo) * 1.4426950408889634)
+
+
+@triton.jit
 def _dlogits_kernel(
     q_ptr, k_ptr, scale_ptr, inv_g_ptr, y_ptr,
-    row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr, g_pos_ptr,
+    r_hi_ptr, r_lo_ptr, c_hi_ptr, c_lo_ptr, g_row_ptr, g_col_ptr, g_pos_ptr,
     p_ptr, ds_ptr,
     M, N, D, col_offset, cols_per_part,
     stride_qm, stride_qd, stride_kn, stride_kd, stride_pm,
@@ -35,6 +45,7 @@ def _dlogits_kernel(
     UPCAST: tl.constexpr,  # the interpreter computes low-precision dots wrongly: go through fp32
     IS_FP32: tl.constexpr,  # fp32 inputs take PRECISION ("tf32" or "ieee"); others ignore it
     PRECISION: tl.constexpr,
+    PRECISE: tl.constexpr,  # fp32 inputs: subtract the LSE in two exact steps (see _softmax)
 ):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1).to(tl.int64)
@@ -42,9 +53,10 @@ def _dlogits_kernel(
     m_m = o_m < M
     col_lo = pid_c * cols_per_part
     col_hi = tl.minimum(col_lo + cols_per_part, N)
-    s2 = tl.load(scale_ptr) * 1.4426950408889634  # logits in base-2 units feed exp2 directly
+    s = tl.load(scale_ptr)
     inv_g = tl.load(inv_g_ptr)
-    b_r2 = tl.load(row_lse_ptr + o_m, mask=m_m, other=0.0) * 1.4426950408889634  # [BLOCK_M]
+    b_rh = tl.load(r_hi_ptr + o_m, mask=m_m, other=0.0)  # [BLOCK_M], LSE = hi + lo
+    b_rl = tl.load(r_lo_ptr + o_m, mask=m_m, other=0.0)
     b_gr = tl.load(g_row_ptr + o_m, mask=m_m, other=0.0)
     b_y = tl.load(y_ptr + o_m, mask=m_m, other=-1) - col_offset
     b_gp = tl.load(g_pos_ptr + o_m, mask=m_m, other=0.0)
@@ -67,12 +79,13 @@ def _dlogits_kernel(
                 b_acc = tl.dot(b_q, b_k, b_acc, input_precision=PRECISION)
             else:
                 b_acc = tl.dot(b_q, b_k, b_acc)  # [BLOCK_M, BLOCK_N], q @ k.T unscaled
-        b_t = b_acc * s2
-        b_p = b_gr[:, None] * tl.exp2(b_t - b_r2[:, None])  # [BLOCK_M, BLOCK_N]
+        b_s = b_acc * s
+        b_p = b_gr[:, None] * _softmax(b_s, b_rh[:, None], b_rl[:, None], PRECISE)
         if HAS_COL:
-            b_c2 = tl.load(col_lse_ptr + o_n, mask=m_n, other=0.0) * 1.4426950408889634
-            b_gc = tl.load(g_col_ptr + o_n, mask=m_n, other=0.0)  # [BLOCK_N]
-            b_p += b_gc[None, :] * tl.exp2(b_t - b_c2[None, :])
+            b_ch = tl.load(c_hi_ptr + o_n, mask=m_n, other=0.0)  # [BLOCK_N]
+            b_cl = tl.load(c_lo_ptr + o_n, mask=m_n, other=0.0)
+            b_gc = tl.load(g_col_ptr + o_n, mask=m_n, other=0.0)
+            b_p += b_gc[None, :] * _softmax(b_s, b_ch[None, :], b_cl[None, :], PRECISE)
         b_p += tl.where(o_n[None, :] == b_y[:, None], b_gp[:, None], 0.0)
         b_p = tl.where(m_m[:, None] & m_n[None, :], b_p, 0.0)
         b_ds += tl.sum(b_p * b_acc, axis=1)
@@ -101,10 +114,11 @@ def dlogits_bwd(
     inv_g = (1.0 / g_max).reshape(1)
     s = scale.detach().to(torch.float32).reshape(1)
     # autograd hands in expanded (stride-0) gradients; the kernel indexes them as dense vectors
-    row_lse, col_lse = row_lse.float().contiguous(), col_lse.float().contiguous()
+    r_hi, r_lo = (x.contiguous() for x in split_lse(row_lse, torch.float32))
+    c_hi, c_lo = (x.contiguous() for x in split_lse(col_lse, torch.float32))
     g_row, g_col, g_pos = (g.float().contiguous() for g in (g_row, g_col, g_pos))
     if not has_col:
-        col_lse, g_col = row_lse, g_row  # never read; any valid pointer will do
+        c_hi, c_lo, g_col = r_hi, r_lo, g_row  # never read; any valid pointer will do
     y = labels.contiguous()
     t = tile or bwd_tile(q.dtype)
     p_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
@@ -122,7 +136,8 @@ def dlogits_bwd(
                 ds_part = torch.empty(grid[0] * grid[1], **f32)
                 _dlogits_kernel[grid](
                     q[a:b], k[c:e], s, inv_g, y[a:b],
-                    row_lse[a:b], col_lse[c:e] if has_col else col_lse,
+                    r_hi[a:b], r_lo[a:b], c_hi[c:e] if has_col else c_hi,
+                    c_lo[c:e] if has_col else c_lo,
                     g_row[a:b], g_col[c:e] if has_col else g_col, g_pos[a:b],
                     p, ds_part,
                     b - a, e - c, d, col_offset + c, cols_per,
@@ -131,13 +146,14 @@ def dlogits_bwd(
                     HAS_COL=has_col,
                     UPCAST=INTERPRET and q.dtype in (torch.float16, torch.bfloat16),
                     IS_FP32=q.dtype == torch.float32, PRECISION=precision,
+                    PRECISE=q.dtype == torch.float32,
                     num_warps=t.num_warps, num_stages=t.num_stages,
                 )
                 ds += ds_part.sum()
                 addmm32_(dq32, p, k[c:e])
                 addmm32_(dk32[c:e], p.T, q[a:b])
             dq[a:b] = (dq32 * (s * g_max)).to(q.dtype)
-    dk = (dk32 * (s * g_max)).to(k.dtype)
+    dk = dk32.mul_(s * g_max).to(k.dtype)  # in place: an fp32 [N, D] temporary is a lot at large N
     return dq, dk, ds.to(scale.dtype)
 
 

@@ -14,13 +14,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from infcl._spec import LSE_DTYPE
 from infcl.kernels import configs
 from infcl.kernels.configs import INTERPRET, Tile, fwd_tile, split
 
 
 @triton.jit
 def _lse_fwd_kernel(
-    q_ptr, k_ptr, scale_ptr, y_ptr, row_ptr, pos_ptr,
+    q_ptr, k_ptr, scale_ptr, y_ptr, max_ptr, logsum_ptr, pos_ptr,
     M, N, D, col_offset, rows_per_part, cols_per_part,
     stride_qm, stride_qd, stride_kn, stride_kd,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -34,7 +35,7 @@ def _lse_fwd_kernel(
     row_hi = tl.minimum(row_lo + rows_per_part, M)
     col_lo = pid_q * cols_per_part
     col_hi = tl.minimum(col_lo + cols_per_part, N)
-    s2 = tl.load(scale_ptr) * 1.4426950408889634  # logits in base-2 units feed exp2 directly
+    s = tl.load(scale_ptr)
     for start_m in range(row_lo, row_hi, BLOCK_M):
         o_m = start_m + tl.arange(0, BLOCK_M)
         m_m = o_m < row_hi
@@ -61,34 +62,40 @@ def _lse_fwd_kernel(
                 else:
                     b_acc = tl.dot(b_q, b_k, b_acc)  # [BLOCK_M, BLOCK_N], q @ k.T unscaled
             # rows past the partition keep finite values (never stored); columns past it are -inf
-            b_t = tl.where(m_n[None, :], b_acc * s2, float("-inf"))
-            b_new = tl.maximum(b_max, tl.max(b_t, axis=1))
-            b_sum = b_sum * tl.exp2(b_max - b_new) + tl.sum(tl.exp2(b_t - b_new[:, None]), axis=1)
+            b_s = tl.where(m_n[None, :], b_acc * s, float("-inf"))
+            b_new = tl.maximum(b_max, tl.max(b_s, axis=1))
+            if IS_FP32:  # S - max first: exact near the max, so the sum keeps fp32's digits
+                b_e = tl.exp2((b_s - b_new[:, None]) * 1.4426950408889634)
+            else:  # one FMA; its rounding (eps * |S|) is far below bf16/fp16 input rounding
+                b_e = tl.exp2(b_s * 1.4426950408889634 - (b_new * 1.4426950408889634)[:, None])
+            b_sum = b_sum * tl.exp2((b_max - b_new) * 1.4426950408889634) + tl.sum(b_e, axis=1)
             b_max = b_new
             b_pos += tl.sum(tl.where(o_n[None, :] == b_y[:, None], b_acc, 0.0), axis=1)
-        # back to natural units: lse = ln(2) * (max2 + log2(sum)), pos = scale * q.k
-        tl.store(row_ptr + pid_q * M + o_m, (b_max + tl.log2(b_sum)) * 0.6931471805599453,
-                 mask=m_m)
-        tl.store(pos_ptr + pid_q * M + o_m, b_pos * (s2 * 0.6931471805599453), mask=m_m)
+        # the LSE leaves as (max, log(sum)); torch adds them in float64
+        tl.store(max_ptr + pid_q * M + o_m, b_max, mask=m_m)
+        tl.store(logsum_ptr + pid_q * M + o_m, tl.log(b_sum), mask=m_m)
+        tl.store(pos_ptr + pid_q * M + o_m, b_pos * s, mask=m_m)
 
 
 def lse_rows(
     q: Tensor, k: Tensor, scale: Tensor, labels: Tensor | None, col_offset: int, precision: str,
     tile: Tile | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Row LSE [M] of `scale * q @ k.T` and the positive logits [M] (zeros without labels)."""
+    """Row LSE [M] (float64) of `scale * q @ k.T` and the positive logits [M] (fp32; zeros
+    without labels)."""
     m, n, d = q.shape[0], k.shape[0], q.shape[1]
     f32 = dict(dtype=torch.float32, device=q.device)
     if m == 0 or n == 0:
-        return torch.full((m,), float("-inf"), **f32), torch.zeros(m, **f32)
+        return torch.full((m,), float("-inf"), dtype=LSE_DTYPE, device=q.device), torch.zeros(m, **f32)
     t = tile or fwd_tile(q.dtype)
     n_p, rows_per = split(m, t.block_m, configs.PARTS)
     n_q, cols_per = split(n, t.block_n, configs.PARTS)
-    row_part = torch.empty((n_q, m), **f32)
+    max_part = torch.empty((n_q, m), **f32)
+    logsum_part = torch.empty((n_q, m), **f32)
     pos_part = torch.empty((n_q, m), **f32)
     y = labels.contiguous() if labels is not None else torch.full((m,), -1, device=q.device)
     _lse_fwd_kernel[(n_p, n_q)](
-        q, k, scale.detach().to(torch.float32).reshape(1), y, row_part, pos_part,
+        q, k, scale.detach().to(torch.float32).reshape(1), y, max_part, logsum_part, pos_part,
         m, n, d, col_offset if labels is not None else 0, rows_per, cols_per,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
@@ -96,19 +103,20 @@ def lse_rows(
         IS_FP32=q.dtype == torch.float32, PRECISION=precision,
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
-    return torch.logsumexp(row_part, dim=0), pos_part.sum(dim=0)
+    lse = max_part.to(LSE_DTYPE) + logsum_part.to(LSE_DTYPE)
+    return (lse[0] if n_q == 1 else torch.logsumexp(lse, dim=0)), pos_part.sum(dim=0)
 
 
 def lse_fwd(
     q: Tensor, k: Tensor, scale: Tensor, labels: Tensor, col_offset: int, want_col: bool,
     precision: str, tile: Tile | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(row LSE [M], column LSE [N] or [0], positive logit [M]), all fp32."""
+    """(row LSE [M], column LSE [N] or [0], positive logit [M]); LSEs float64, pos fp32."""
     row, pos = lse_rows(q, k, scale, labels, col_offset, precision, tile)
     if want_col:
         col, _ = lse_rows(k, q, scale, None, 0, precision, tile)
     else:
-        col = q.new_empty(0, dtype=torch.float32)
+        col = q.new_empty(0, dtype=LSE_DTYPE)
     return row, col, pos
 
 
@@ -123,10 +131,9 @@ def inf_fwd(
 
 @inf_fwd.register_fake
 def _(q, k, scale, labels, col_offset, want_col, precision):
-    f32 = torch.float32
     n_col = k.shape[0] if want_col else 0
     return (
-        q.new_empty(q.shape[0], dtype=f32),
-        q.new_empty(n_col, dtype=f32),
-        q.new_empty(q.shape[0], dtype=f32),
+        q.new_empty(q.shape[0], dtype=LSE_DTYPE),
+        q.new_empty(n_col, dtype=LSE_DTYPE),
+        q.new_empty(q.shape[0], dtype=torch.float32),
     )

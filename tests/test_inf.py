@@ -1,0 +1,261 @@
+"""inf_loss against the spec: its Triton kernels through the interpreter on CPU (marker
+`interpret`, run with TRITON_INTERPRET=1), on CUDA when present (marker `gpu`), and its torch
+fallback on a plain CPU run. Also the Inf-CL defects of ANCHORS.md that apply to one device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import FLOOR, assert_close_to_naive, run
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from strategies import Problem, problems
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import infcl
+from infcl import inf
+from infcl.kernels import configs
+
+INTERPRET = configs.INTERPRET
+HAS_CUDA = torch.cuda.is_available()
+interpret = pytest.mark.interpret
+needs_interpret = pytest.mark.skipif(not INTERPRET, reason="set TRITON_INTERPRET=1 (make test does)")
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+SMALL = st.integers(1, 40) | st.sampled_from([1, 17, 31, 37])
+
+
+@pytest.fixture(scope="module")
+def small_blocks():
+    """Several forward partitions and backward blocks even at the interpreter's small shapes
+    (module scope: Hypothesis examples share it, and nothing mutates it)."""
+    saved = configs.PARTS, configs.BWD_PARTS, configs.BWD_BLOCK
+    configs.PARTS, configs.BWD_PARTS, configs.BWD_BLOCK = 2, 2, 24
+    yield
+    configs.PARTS, configs.BWD_PARTS, configs.BWD_BLOCK = saved
+
+
+class OpLog(TorchDispatchMode):
+    """Records the infcl ops called and the dtypes of their tensor arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, list[torch.dtype]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name.startswith("infcl."):
+            self.calls.append((name, [a.dtype for a in args if isinstance(a, torch.Tensor)]))
+        return func(*args, **(kwargs or {}))
+
+
+def check(p: Problem, dtype: torch.dtype, device: str, **kw) -> None:
+    q, k = p.inputs()
+    kwargs = p.kwargs()
+    if kwargs["labels"] is not None:
+        kwargs["labels"] = kwargs["labels"].to(device)
+    tf32 = dtype == torch.float32 and device == "cuda" and kw.get("precision", "tf32") == "tf32"
+    floor = FLOOR["tf32" if tf32 else dtype]
+    # The backward recomputes S with other tile shapes than the forward, so S may differ from
+    # the forward's by an ulp: probabilities then carry an absolute error of about eps * |S|
+    # (flash attention has the same property). Naive reuses one S and has no such term.
+    s_max = float(abs(p.scale) * (q.double() @ k.double().T).abs().max())
+    floor += 8 * torch.finfo(torch.float32).eps * s_max
+    scale = p.scale_for(dtype)
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(device)
+    assert_close_to_naive(
+        infcl.inf_loss, q.to(device), k.to(device), scale, dtype=dtype, floor=floor,
+        seed=p.seed, **kwargs, **kw,
+    )
+
+
+@interpret
+@needs_interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@settings(max_examples=10)
+@given(p=problems(rows=SMALL))
+@example(p=Problem(m=37, n=37, d=33, symmetric=True, scale=100.0, unit=True, seed=1))
+@example(p=Problem(m=31, n=40, d=20, labels=tuple([3, -100] * 15 + [39]), reduction="sum"))
+@example(p=Problem(m=1, n=1, d=1, seed=2))
+def test_kernels_match_naive_interpreted(small_blocks, dtype, p):
+    assert inf._use_triton(torch.empty(1, dtype=dtype)), "the Triton kernels must be the ones tested"
+    check(p, dtype, "cpu", precision="ieee")
+
+
+@interpret
+@needs_interpret
+def test_opcheck_interpreted(small_blocks):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(19, 7, generator=gen, requires_grad=True)
+    k = torch.randn(23, 7, generator=gen, requires_grad=True)
+    s = torch.tensor(3.0, requires_grad=True)
+    y = torch.randint(0, 23, (19,), generator=gen)
+    torch.library.opcheck(torch.ops.infcl.inf_fwd.default, (q, k, s, y, 0, False, "ieee"))
+    q2, k2 = q[:, :], torch.randn(19, 7, generator=gen, requires_grad=True)
+    torch.library.opcheck(torch.ops.infcl.inf_fwd.default, (q2, k2, s, torch.arange(19), 0, True,
+                                                             "ieee"))
+    row, col = torch.randn(19), torch.randn(23)
+    g = torch.randn(19), torch.randn(23), torch.randn(19)
+    torch.library.opcheck(torch.ops.infcl.inf_bwd.default,
+                          (q.detach(), k.detach(), s.detach(), y, 0, row, col, *g, "ieee"))
+
+
+@interpret
+@needs_interpret
+def test_symmetric_pays_once_and_keeps_low_precision(small_blocks):
+    """Defects 3 and 9: bf16 goes to the kernels as bf16 (no fp32 copies of q, k), and the CLIP
+    loss is one forward op and one backward op, not one per direction."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(29, 12, generator=gen).bfloat16().requires_grad_()
+    k = torch.randn(29, 12, generator=gen).bfloat16().requires_grad_()
+    with OpLog() as log:
+        infcl.inf_loss(q, k, 10.0, symmetric=True).backward()
+    names = [n for n, _ in log.calls]
+    assert names == ["infcl.inf_fwd.default", "infcl.inf_bwd.default"], names
+    for _, dtypes in log.calls:
+        assert dtypes[:2] == [torch.bfloat16, torch.bfloat16]
+    assert q.grad.dtype == k.grad.dtype == torch.bfloat16
+
+
+@interpret
+@needs_interpret
+@pytest.mark.parametrize("d", [1, 255, 257, 300])
+def test_any_width_and_ragged_batch(small_blocks, d):
+    """Defects 4 and 5: D need not be a multiple of anything, B > 64 with B % 64 != 0."""
+    gen = torch.Generator().manual_seed(d)
+    q = F.normalize(torch.randn(67, d, generator=gen, dtype=torch.float64), dim=1)
+    k = F.normalize(torch.randn(67, d, generator=gen, dtype=torch.float64), dim=1)
+    assert_close_to_naive(infcl.inf_loss, q, k, 20.0, dtype=torch.float32, symmetric=True,
+                          precision="ieee")
+
+
+@interpret
+@needs_interpret
+def test_learnable_scale_without_process_group(small_blocks):
+    """Defect 1: a learnable scale on one device, no process group: backward works."""
+    assert not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    logit_scale = torch.nn.Parameter(torch.tensor(2.3))
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(21, 9, generator=gen, requires_grad=True)
+    k = torch.randn(21, 9, generator=gen, requires_grad=True)
+    infcl.inf_loss(q, k, logit_scale.exp(), symmetric=True).backward()
+    assert logit_scale.grad is not None and torch.isfinite(logit_scale.grad)
+
+
+@interpret
+@needs_interpret
+@pytest.mark.parametrize("norm", [10.0, 100.0])
+def test_huge_logits_stay_finite(small_blocks, norm):
+    """Defect 6: logits far past 88.7 (here up to +-1e4) give the exact, finite loss."""
+    gen = torch.Generator().manual_seed(7)
+    q = F.normalize(torch.randn(33, 6, generator=gen, dtype=torch.float64), dim=1) * norm
+    k = F.normalize(torch.randn(33, 6, generator=gen, dtype=torch.float64), dim=1) * norm
+    got = run(infcl.inf_loss, q.float(), k.float(), 1.0, symmetric=True, precision="ieee")
+    want = run(infcl.naive_loss, q, k, 1.0, symmetric=True)
+    assert torch.isfinite(got.loss) and torch.isfinite(got.dq).all()
+    torch.testing.assert_close(got.loss.double(), want.loss, rtol=1e-5, atol=1e-4 * norm)
+
+
+@interpret
+@needs_interpret
+def test_non_finite_inputs_propagate(small_blocks):
+    q = torch.randn(9, 4)
+    k = torch.randn(9, 4)
+    q[3, 1] = float("nan")
+    assert not torch.isfinite(infcl.inf_loss(q, k, 1.0))
+    q[3, 1] = float("inf")
+    assert not torch.isfinite(infcl.inf_loss(q, k, 1.0, symmetric=True))
+
+
+def test_cpu_without_interpreter_falls_back_to_torch_tiles():
+    if INTERPRET:
+        pytest.skip("this run interprets the kernels")
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(23, 10, generator=gen)
+    assert not inf._use_triton(q)
+    with OpLog() as log:
+        infcl.inf_loss(q, torch.randn(23, 10, generator=gen), 5.0, symmetric=True)
+    assert [n for n, _ in log.calls] == ["infcl.chunked_fwd.default"]
+    assert_close_to_naive(infcl.inf_loss, q, torch.randn(23, 10, generator=gen), 5.0,
+                          dtype=torch.float32, symmetric=True)
+
+
+def test_float64_takes_torch_tiles_exactly():
+    gen = torch.Generator().manual_seed(12)
+    q = torch.randn(30, 7, generator=gen, dtype=torch.float64)
+    k = torch.randn(30, 7, generator=gen, dtype=torch.float64)
+    assert not inf._use_triton(q)
+    assert_close_to_naive(infcl.inf_loss, q, k, 3.0, dtype=torch.float64, symmetric=True)
+
+
+def test_bad_precision_is_rejected():
+    with pytest.raises(ValueError, match="precision"):
+        infcl.inf_loss(torch.randn(3, 2), torch.randn(3, 2), precision="fp64")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@settings(max_examples=15)
+@given(p=problems(rows=st.integers(1, 600) | st.sampled_from([1, 97, 257, 513])))
+@example(p=Problem(m=300, n=300, d=47, symmetric=True, scale=100.0, unit=True, seed=3))
+def test_kernels_match_naive_cuda(dtype, p):
+    check(p, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ieee_precision_and_several_blocks_cuda(monkeypatch, dtype):
+    monkeypatch.setattr(configs, "BWD_BLOCK", 256)
+    p = Problem(m=1000, n=1000, d=300, symmetric=True, scale=30.0, unit=True, seed=4)
+    check(p, dtype, "cuda", precision="ieee")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_opcheck_cuda():
+    q = torch.randn(100, 70, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(100, 70, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    s = torch.tensor(10.0, device="cuda", requires_grad=True)
+    y = torch.arange(100, device="cuda")
+    torch.library.opcheck(torch.ops.infcl.inf_fwd.default, (q, k, s, y, 0, True, "tf32"))
+    g = [torch.randn(100, device="cuda") for _ in range(5)]
+    torch.library.opcheck(torch.ops.infcl.inf_bwd.default,
+                          (q.detach(), k.detach(), s.detach(), y, 0, *g, "tf32"))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_compile_fullgraph_training_step_cuda():
+    """No graph break forward or backward, eager agreement, no recompile for a new batch size."""
+    frames = []
+
+    def backend(gm, example_inputs):
+        frames.append(gm)
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx(gm, example_inputs)
+
+    torch._dynamo.reset()
+    model = torch.nn.Linear(64, 48, device="cuda", dtype=torch.bfloat16)
+    logit_scale = torch.nn.Parameter(torch.tensor(2.0, device="cuda"))
+
+    def loss_fn(x, t):
+        return infcl.inf_loss(model(x), t, logit_scale.exp(), symmetric=True)
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=backend)
+    for b in (512, 777):
+        x = torch.randn(b, 64, device="cuda", dtype=torch.bfloat16)
+        t = torch.randn(b, 48, device="cuda", dtype=torch.bfloat16)
+        torch._dynamo.mark_dynamic(x, 0)
+        torch._dynamo.mark_dynamic(t, 0)
+        grads = []
+        for fn in (compiled, loss_fn):
+            model.zero_grad()
+            logit_scale.grad = None
+            fn(x, t).backward()
+            grads.append((model.weight.grad.clone(), logit_scale.grad.clone()))
+        torch.testing.assert_close(grads[0][0], grads[1][0])
+        torch.testing.assert_close(grads[0][1], grads[1][1])
+    assert len(frames) == 1, f"{len(frames)} graphs: a recompile or a graph break"
