@@ -59,6 +59,14 @@ def infcl_sym_ieee(q, k, s):
     return infcl.inf_loss(q, k, s, symmetric=True, precision="ieee")
 
 
+def single_process_group() -> None:
+    """inf_cl 1.2.1 needs an initialised process group even on one GPU (ANCHORS.md defect 1)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29531", rank=0, world_size=1)
+
+
 def inf_cl_sym(q, k, s):
     y = torch.arange(q.shape[0], device=q.device)
     return 0.5 * (cal_inf_loss(q, k, y, scale=s) + cal_inf_loss(k, q, y, scale=s))
@@ -164,6 +172,7 @@ def main() -> None:
         "naive": (naive_lowp, (torch.bfloat16, torch.float32), True),
     }
     if cal_inf_loss is not None:
+        single_process_group()
         methods["inf_cl_1.2.1"] = (inf_cl_sym, (torch.float32,), True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     passed = set()

@@ -64,10 +64,16 @@ def check(p: Problem, dtype: torch.dtype, device: str, **kw) -> None:
     scale = p.scale_for(dtype)
     if isinstance(scale, torch.Tensor):
         scale = scale.to(device)
-    assert_close_to_naive(
-        infcl.inf_loss, q.to(device), k.to(device), scale, dtype=dtype, floor=floor,
-        seed=p.seed, **kwargs, **kw,
-    )
+    # With TF32 the reference in the same dtype is naive with TF32 matmuls too.
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        assert_close_to_naive(
+            infcl.inf_loss, q.to(device), k.to(device), scale, dtype=dtype, floor=floor,
+            seed=p.seed, **kwargs, **kw,
+        )
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 @interpret
