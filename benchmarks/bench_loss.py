@@ -147,6 +147,9 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--d", type=int, default=512)
+    ap.add_argument("--methods", nargs="*", help="only these methods (default: all)")
+    ap.add_argument("--sizes", nargs="*", type=int, help="batch sizes (default: 8192 .. 262144)")
+    ap.add_argument("--no-big", action="store_true", help="skip the B = 2**20 point")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     card = torch.cuda.get_device_name()
@@ -174,6 +177,8 @@ def main() -> None:
     if cal_inf_loss is not None:
         single_process_group()
         methods["inf_cl_1.2.1"] = (inf_cl_sym, (torch.float32,), True)
+    if args.methods:
+        methods = {k: v for k, v in methods.items() if k in args.methods}
     gen = torch.Generator(device="cuda").manual_seed(0)
     passed = set()
     for name, (fn, dtypes, sym) in methods.items():
@@ -197,6 +202,8 @@ def main() -> None:
     sizes = [8192, 32768, 65536, 131072, 262144]
     if args.quick:
         sizes = [8192, 65536]
+    if args.sizes:
+        sizes = args.sizes
     limits = {"naive": 65536, "infcl_chunked": 65536, "inf_cl_1.2.1": 65536,
               "infcl_inf_ieee": 65536, "infcl_inf_1dir": 262144}
     for b in sizes:
@@ -219,7 +226,7 @@ def main() -> None:
                 rec(name, "tflops_floor", b, dt, 8 * b * b * args.d / ms[1] / 1e9)
                 if name.startswith("infcl"):
                     rec(name, "tflops_exec", b, dt, flop * b * b * args.d / ms[1] / 1e9)
-    if not args.quick:
+    if not (args.quick or args.no_big) and "infcl_inf" in methods:
         for b in (1 << 20,):
             try:
                 ms, peak = time_step(infcl_sym, b, args.d, torch.bfloat16, 1)
