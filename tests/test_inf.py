@@ -222,14 +222,18 @@ def test_ieee_precision_and_several_blocks_cuda(monkeypatch, dtype):
 @pytest.mark.gpu
 @needs_cuda
 def test_opcheck_cuda():
-    q = torch.randn(100, 70, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(100, 70, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    s = torch.tensor(10.0, device="cuda", requires_grad=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = F.normalize(torch.randn(100, 70, device="cuda", generator=gen), dim=1).bfloat16()
+    k = F.normalize(torch.randn(100, 70, device="cuda", generator=gen), dim=1).bfloat16()
+    s = torch.tensor(10.0, device="cuda")
     y = torch.arange(100, device="cuda")
-    torch.library.opcheck(torch.ops.infcl.inf_fwd.default, (q, k, s, y, 0, True, "tf32"))
-    g = [torch.randn(100, device="cuda") for _ in range(5)]
+    args = (q.requires_grad_(), k.requires_grad_(), s.requires_grad_(), y, 0, True, "tf32")
+    torch.library.opcheck(torch.ops.infcl.inf_fwd.default, args)
+    # the backward op on statistics from the forward (random LSEs would overflow exp)
+    row, col, _ = torch.ops.infcl.inf_fwd(q.detach(), k.detach(), s.detach(), y, 0, True, "tf32")
+    g = [torch.randn(100, device="cuda", generator=gen) for _ in range(3)]
     torch.library.opcheck(torch.ops.infcl.inf_bwd.default,
-                          (q.detach(), k.detach(), s.detach(), y, 0, *g, "tf32"))
+                          (q.detach(), k.detach(), s.detach(), y, 0, row, col, *g, "tf32"))
 
 
 @pytest.mark.gpu
