@@ -36,6 +36,7 @@ __all__ = ["grad_cache_step", "split_batch"]
 Embeddings = Float[Tensor, "b d"]
 Encoder = Callable[[Any], Embeddings]
 LossFn = Callable[[Embeddings, Embeddings], Float[Tensor, ""]]
+PairEncoder = Callable[[tuple[Any, Any]], tuple[Embeddings, Embeddings]]
 NoSync = Callable[[], AbstractContextManager[Any]]
 MODES = ("cache", "accumulate")
 
@@ -134,8 +135,8 @@ def _detached_leaf(parts: list[Tensor], requires_grad: bool) -> Tensor:
 
 
 def grad_cache_step(
-    encode_a: Encoder,
-    encode_b: Encoder,
+    encode_a: Encoder | PairEncoder,
+    encode_b: Encoder | None,
     batch_a: Any,
     batch_b: Any,
     loss_fn: LossFn,
@@ -160,7 +161,10 @@ def grad_cache_step(
     Args:
         encode_a: micro-batch of `batch_a` -> embeddings `[b, d]` (e.g. `model.encode_image`
             followed by normalisation).
-        encode_b: micro-batch of `batch_b` -> embeddings `[b, d]`.
+        encode_b: micro-batch of `batch_b` -> embeddings `[b, d]`; or None, and then
+            `encode_a` takes the pair `(micro_a, micro_b)` and returns both embeddings in one
+            call. Under DDP use that form with the wrapped model's forward (DDP prepares its
+            gradient reduction in forward, once per backward).
         batch_a: the global batch for `encode_a`: a tensor, or a tuple/list/dict of tensors
             whose first dimension is the batch.
         batch_b: the global batch for `encode_b`, with as many samples as `batch_a`.
@@ -173,8 +177,8 @@ def grad_cache_step(
             `accum_freq`: the loss runs once per micro-batch, with that micro-batch live).
         no_sync: context factories entered around every micro-batch but the last, e.g.
             `ddp_model.no_sync`, so DDP all-reduces once per step. One or a sequence.
-        frozen_a: `encode_a` has no trainable parameters (a locked image tower, LiT): its
-            embeddings are computed once, without grad, and never re-run.
+        frozen_a: side a has no trainable parameters (a locked image tower, LiT): its
+            embeddings are computed once, without grad, and (with two encoders) never re-run.
 
     Returns:
         The loss, detached.
@@ -205,17 +209,28 @@ def grad_cache_step(
     states: list[tuple[_RngState, _RngState]] = []
     cached_a: list[Tensor] = []
     cached_b: list[Tensor] = []
+    joint = encode_b is None
     with torch.no_grad():
         for a, b in zip(micro_a, micro_b, strict=True):
             state_a = _RngState()
-            cached_a.append(encode_a(a))
-            state_b = _RngState()
-            cached_b.append(encode_b(b))
+            if joint:
+                ea, eb = encode_a((a, b))
+                state_b = state_a
+            else:
+                ea = encode_a(a)
+                state_b = _RngState()
+                eb = encode_b(b)
+            cached_a.append(ea.detach())
+            cached_b.append(eb.detach())
             states.append((state_a, state_b))
     after = _RngState()
 
     def encode_live(i: int) -> tuple[Tensor, Tensor]:
         state_a, state_b = states[i]
+        if joint:
+            state_a.restore()
+            ea, eb = encode_a((micro_a[i], micro_b[i]))
+            return (cached_a[i] if frozen_a else ea), eb
         if frozen_a:
             ea = cached_a[i]
         else:

@@ -176,3 +176,19 @@ def test_bad_input() -> None:
         split_batch((x, t[:6]), 3)
     with pytest.raises(TypeError, match="must be a tensor"):
         split_batch("abc", 1)
+
+
+@pytest.mark.parametrize("mode", ["cache", "accumulate"])
+@pytest.mark.parametrize("frozen_a", [False, True])
+def test_pair_encoder(mode: str, frozen_a: bool) -> None:
+    """One call encodes both sides (the form DDP needs); same gradients as the plain step."""
+    want = reference(0.3, "chunked", whole=False, frozen_a=frozen_a)
+    model, x, t = make(0.3)
+    if frozen_a:
+        model.image.requires_grad_(False)
+    torch.manual_seed(1)
+    loss = grad_cache_step(
+        lambda ab: (model.image(ab[0]), model.text(ab[1])), None, x, t, loss_of(model, "chunked"),
+        micro_batch_size=MICRO, mode=mode, frozen_a=frozen_a,
+    )
+    assert_same((loss, grads(model), torch.get_rng_state()), want)
