@@ -1,0 +1,154 @@
+"""Plot benchmark CSVs: time and peak memory against the batch, log-log, one figure per CSV and world.
+
+Reads the long-format CSVs of `bench_loss.py` (no `world` column: one GPU) and `bench_ring.py`
+from `benchmarks/results/` (or the files given) and writes `docs/img/<csv name>[_w<W>].png`: left
+panel the median ms per forward+backward step against B, right panel the peak GiB above the inputs
+against B, one line per method and dtype (single-GPU references of the ring run dashed). Methods
+that ran out of memory say from which B in the legend; where the CSV has `inputs_gib` for
+`infcl_inf`, the right panel also shows 1.5x those bytes (issue 4's memory goal) dotted.
+
+Run: `python benchmarks/plot.py [--results DIR] [--out docs/img] [CSV ...]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import math
+import os
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+PLOTTED = ("ms", "peak_gib")
+OOM = ("oom", "oom_predicted")
+
+
+def load(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def num(x: str) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def series(rows: list[dict]) -> dict:
+    """{(impl, dtype, D): {"ms": {B: v}, "peak_gib": {B: v}, "oom": min B}} for one world."""
+    out: dict = defaultdict(lambda: {"ms": {}, "peak_gib": {}, "oom": None})
+    for r in rows:
+        impl, metric = r.get("impl", ""), r.get("metric", "")
+        if impl == "matmul" or "/" in impl:
+            continue
+        key = (impl, r.get("dtype", ""), r.get("D", ""))
+        b = int(num(r.get("B", "nan"))) if math.isfinite(num(r.get("B", "nan"))) else None
+        if b is None:
+            continue
+        if metric in PLOTTED:
+            v = num(r.get("value", ""))
+            if math.isfinite(v) and v > 0:
+                out[key][metric][b] = v
+        elif metric in OOM:
+            prev = out[key]["oom"]
+            out[key]["oom"] = b if prev is None else min(prev, b)
+    return {k: v for k, v in out.items() if v["ms"] or v["peak_gib"] or v["oom"] is not None}
+
+
+def goal_line(rows: list[dict]) -> dict[int, float]:
+    """1.5x the inputs' GiB per rank of infcl_inf, by B (issue 4's memory goal)."""
+    out = {}
+    for r in rows:
+        if r.get("impl") == "infcl_inf" and r.get("metric") == "inputs_gib":
+            v = num(r.get("value", ""))
+            if math.isfinite(v):
+                out[int(num(r["B"]))] = 1.5 * v
+    return out
+
+
+def title(rows: list[dict], name: str, world: int) -> str:
+    first = rows[0] if rows else {}
+    where = f"{first.get('card', '?')} x{world}" if world > 1 else first.get("card", "?")
+    ds = sorted({r.get("D", "") for r in rows if r.get("metric") == "ms"})
+    return (f"{name}: {where}, D={'/'.join(ds)}, torch {first.get('torch', '?')}, "
+            f"triton {first.get('triton', '?')}, {first.get('commit', '?')}, "
+            f"{first.get('date', '?')}")
+
+
+def plot_one(rows: list[dict], name: str, world: int, path: str) -> None:
+    data = series(rows)
+    if not data:
+        return
+    several_d = len({k[2] for k in data}) > 1
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    markers = "osD^v<>pPX*h"
+    for i, (key, s) in enumerate(sorted(data.items())):
+        impl, dtype, d = key
+        label = f"{impl} {dtype}" + (f" D={d}" if several_d else "")
+        if s["oom"] is not None:
+            label += f" (OOM from B={s['oom']})"
+        style = dict(marker=markers[i % len(markers)], linestyle="--" if impl.startswith("ref")
+                     else "-", label=label, color=f"C{i % 10}")
+        for ax, metric in zip(axes, PLOTTED, strict=True):
+            pts = sorted(s[metric].items())
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], **style)
+            elif metric == "ms":
+                ax.plot([], [], **style)  # keep the legend entry of a method that never ran
+    goal = goal_line(rows)
+    if goal:
+        pts = sorted(goal.items())
+        axes[1].plot([p[0] for p in pts], [p[1] for p in pts], ":", color="grey",
+                     label="1.5 x inputs of infcl_inf (goal)")
+    for ax, ylabel in zip(axes, ("ms per forward+backward (median)",
+                                  "peak GiB above inputs" + (" per rank" if world > 1 else "")),
+                          strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("global batch B" if world > 1 else "batch B")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7, loc="upper left")
+    if goal:
+        axes[1].legend(fontsize=7, loc="upper left", handles=axes[1].get_lines()[-1:])
+    fig.suptitle(title(rows, name, world), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("csvs", nargs="*", help="CSV files (default: every CSV under --results)")
+    ap.add_argument("--results", default="benchmarks/results")
+    ap.add_argument("--out", default="docs/img")
+    args = ap.parse_args()
+    paths = args.csvs or sorted(glob.glob(os.path.join(args.results, "**", "*.csv"),
+                                          recursive=True))
+    if not paths:
+        raise SystemExit(f"no CSV files under {args.results}")
+    os.makedirs(args.out, exist_ok=True)
+    for path in paths:
+        rows = load(path)
+        by_world: dict[int, list[dict]] = defaultdict(list)
+        for r in rows:
+            w = num(r.get("world", "") or "1")
+            by_world[int(w) if math.isfinite(w) else 1].append(r)
+        base = os.path.splitext(os.path.relpath(path, args.results))[0]
+        if base.startswith(".."):
+            base = os.path.splitext(os.path.basename(path))[0]
+        base = base.replace(os.sep, "_")
+        for world, part in sorted(by_world.items()):
+            name = base if len(by_world) == 1 else f"{base}_w{world}"
+            plot_one(part, base, world, os.path.join(args.out, f"{name}.png"))
+
+
+if __name__ == "__main__":
+    main()
