@@ -1,0 +1,177 @@
+"""Image-text pairs from webdataset shards in the img2dataset layout, with a resumable position.
+
+A shard is a tar (`00000.tar`) of samples that share a key: `KEY.jpg` (or png/webp) and
+`KEY.txt`. Patterns use braces, `cc3m/{00000..00331}.tar`, and several patterns join with `::`.
+
+The stream is deterministic: epoch `e` visits the shards in an order drawn from `seed + e`, rank
+`r` of `W` reads every W-th of them, and a seeded buffer shuffles samples across shards. So the
+number of raw samples a rank has consumed (`position`) is the whole data state of a run, and a
+resumed run skips that many samples without decoding them, then sees exactly what the
+uninterrupted run saw. Samples that fail to decode are skipped and counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import tarfile_samples
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def expand_shards(pattern: str | list[str]) -> list[str]:
+    """Expand brace patterns (`a/{0000..0009}.tar`, `::`-joined) and check every shard exists.
+
+    Raises:
+        FileNotFoundError: naming the missing shards (local paths only; URLs are not checked).
+    """
+    urls = [u for p in ([pattern] if isinstance(pattern, str) else pattern) for u in expand_urls(p)]
+    if not urls:
+        raise FileNotFoundError(f"no shards in {pattern!r}")
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not os.path.isfile(u)]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(urls)} shards of {pattern!r} are missing: "
+            f"{', '.join(missing[:5])}{more}"
+        )
+    return urls
+
+
+@dataclass
+class Counts:
+    """What the stream met: samples read, and those skipped (bad image, no caption, bad tar)."""
+
+    read: int = 0
+    corrupt: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def note(self, what: str) -> None:
+        self.corrupt += 1
+        if len(self.errors) < 20:
+            self.errors.append(what)
+
+
+class ShardStream:
+    """Raw samples (dicts of bytes) of one rank, over epochs, from a given position on."""
+
+    def __init__(self, urls: list[str], *, seed: int = 0, rank: int = 0, world: int = 1,
+                 shuffle_buffer: int = 1000, epochs: int | None = None) -> None:
+        if len(urls) < world:
+            raise ValueError(f"{len(urls)} shards cannot feed {world} ranks: need at least one each")
+        self.urls, self.seed, self.rank, self.world = urls, seed, rank, world
+        self.shuffle_buffer, self.epochs = shuffle_buffer, epochs
+        self.counts = Counts()
+
+    def _handler(self, exn: Exception) -> bool:
+        self.counts.note(f"{type(exn).__name__}: {exn}")
+        return True
+
+    def _epoch(self, epoch: int) -> Iterator[dict[str, Any]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.urls), generator=g).tolist()
+        mine = [self.urls[i] for i in order][self.rank :: self.world]
+        samples = tarfile_samples([{"url": u} for u in mine], handler=self._handler)
+        if self.shuffle_buffer <= 1:
+            yield from samples
+            return
+        gs = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 4099 + self.rank)
+        buf: list[dict[str, Any]] = []
+        for s in samples:
+            buf.append(s)
+            if len(buf) >= self.shuffle_buffer:
+                j = int(torch.randint(len(buf), (), generator=gs))
+                buf[j], buf[-1] = buf[-1], buf[j]
+                yield buf.pop()
+        while buf:
+            j = int(torch.randint(len(buf), (), generator=gs))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            yield buf.pop()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch = 0
+        while self.epochs is None or epoch < self.epochs:
+            empty = True
+            for s in self._epoch(epoch):
+                empty = False
+                yield s
+            if empty:
+                raise RuntimeError(f"no readable samples in rank {self.rank}'s shards: {self.urls}")
+            epoch += 1
+
+
+def decode(sample: dict[str, Any]) -> tuple[Image.Image, str]:
+    """The image and caption of a raw sample; raises ValueError for anything unusable."""
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None or "txt" not in sample:
+        raise ValueError(f"sample {sample.get('__key__')!r} lacks an image or a caption")
+    with Image.open(io.BytesIO(sample[ext])) as im:
+        image = im.convert("RGB")
+    caption = sample["txt"].decode("utf-8").strip()
+    if not caption:
+        raise ValueError(f"sample {sample.get('__key__')!r} has an empty caption")
+    return image, caption
+
+
+class PairLoader:
+    """Batches `(images [b, 3, H, W], tokens [b, L])` of one rank; `position` resumes it.
+
+    `position` counts raw samples taken from the stream, the skipped ones included, so a loader
+    built with `start=loader.position` continues exactly where this one stopped.
+    """
+
+    def __init__(self, pattern: str | list[str], batch_size: int, transform: Callable,
+                 tokenizer: Callable, *, seed: int = 0, rank: int = 0, world: int = 1,
+                 shuffle_buffer: int = 1000, start: int = 0, epochs: int | None = None) -> None:
+        self.urls = expand_shards(pattern)
+        self.stream = ShardStream(self.urls, seed=seed, rank=rank, world=world,
+                                  shuffle_buffer=shuffle_buffer, epochs=epochs)
+        self.batch_size, self.transform, self.tokenizer = batch_size, transform, tokenizer
+        self.position = start
+        self._it = iter(self.stream)
+        for _ in range(start):  # skip without decoding
+            next(self._it)
+        self.stream.counts.read = start
+
+    @property
+    def counts(self) -> Counts:
+        return self.stream.counts
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        images, captions = [], []
+        while len(images) < self.batch_size:
+            raw = next(self._it)  # StopIteration ends a finite stream
+            self.position += 1
+            self.counts.read += 1
+            try:
+                image, caption = decode(raw)
+            except Exception as exn:  # a bad sample costs one sample, not the run
+                self.counts.note(f"{raw.get('__url__')}:{raw.get('__key__')}: {exn}")
+                continue
+            images.append(self.transform(image))
+            captions.append(caption)
+        return torch.stack(images), self.tokenizer(captions)
+
+
+def read_pairs(pattern: str | list[str]) -> Iterator[tuple[Image.Image, str]]:
+    """Every decodable (image, caption) of a shard set once, in shard order (for evaluation)."""
+    stream = ShardStream(expand_shards(pattern), shuffle_buffer=0, epochs=1)
+    for raw in stream:
+        try:
+            yield decode(raw)
+        except Exception as exn:
+            stream.counts.note(str(exn))
+
+
+__all__ = ["expand_shards", "PairLoader", "ShardStream", "read_pairs", "decode", "Counts"]

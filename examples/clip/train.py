@@ -1,0 +1,386 @@
+"""Train a CLIP model (open_clip architecture, from scratch) at a large global batch.
+
+    python examples/clip/train.py --model ViT-B-32 --train-data 'cc3m/{00000..00331}.tar' \
+        --batch-size 16384 --micro-batch-size 256 --steps 20000 --out runs/b32
+    torchrun --nproc-per-node 4 examples/clip/train.py ...       # DDP, the loss across ranks
+
+Each step takes a global batch, split over ranks and then into micro-batches, through
+`infcl.grad_cache_step`: encoder memory is one micro-batch's, loss memory is `infcl.inf_loss`'s
+O(B) (CPU: its torch tiles), and the gradients are those of one step on the whole batch.
+`--resume` continues from a checkpoint (model, optimizer, scheduler, step, data position, RNG):
+the resumed run's losses are the uninterrupted run's.
+
+Writes under --out: `checkpoints/step_NNNNNNN.pt` and `latest.pt` (loadable with
+`open_clip.create_model_and_transforms(name, pretrained=path)`), `log.csv` (one row a step),
+`eval.csv` and `curves.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import infcl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import evaluate as ev  # noqa: E402
+from data import PairLoader  # noqa: E402
+
+LOG_FIELDS = ("step", "loss", "lr", "scale", "samples_per_s", "samples_seen", "corrupt")
+LOSSES = {"inf": infcl.inf_loss, "chunked": infcl.chunked_loss, "naive": infcl.naive_loss}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    a = p.add_argument
+    a("--model", required=True, help="open_clip model config name (ViT-B-32, or one registered)")
+    a("--model-config", action="append", default=[], help="extra JSON config file or folder")
+    a("--train-data", required=True, help="shard pattern, e.g. 'cc3m/{00000..00331}.tar'")
+    a("--out", type=Path, required=True, help="folder for checkpoints, logs and the plot")
+    a("--batch-size", type=int, required=True, help="global batch per step, over all ranks")
+    a("--micro-batch-size", type=int, required=True, help="samples per encoder forward")
+    a("--steps", type=int, required=True)
+    a("--lr", type=float, default=5e-4)
+    a("--wd", type=float, default=0.2)
+    a("--beta1", type=float, default=0.9)
+    a("--beta2", type=float, default=0.98)
+    a("--eps", type=float, default=1e-6)
+    a("--warmup", type=int, default=100, help="linear warm-up steps, then cosine to 0")
+    a("--loss", choices=sorted(LOSSES), default="inf")
+    a("--mode", choices=("cache", "accumulate"), default="cache",
+      help="gradient cache (loss once) or open_clip accum_freq style (loss per micro-batch)")
+    a("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+      help="autocast dtype of the encoders; auto: bf16 on CUDA, fp32 on CPU")
+    a("--lock-image", action="store_true", help="LiT: freeze the image tower")
+    a("--lock-image-from", help="checkpoint whose image tower the locked tower starts from")
+    a("--compile", action="store_true", help="torch.compile the encoders")
+    a("--resume", help="checkpoint to continue from, or 'latest' for OUT/checkpoints/latest.pt")
+    a("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
+    a("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end only)")
+    a("--zeroshot-dir", help="ImageFolder for zero-shot evaluation")
+    a("--retrieval-data", help="shard pattern for retrieval evaluation")
+    a("--templates", nargs="+", default=list(ev.DEFAULT_TEMPLATES))
+    a("--shuffle-buffer", type=int, default=1000)
+    a("--seed", type=int, default=0)
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def setup_distributed(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world, device) from torchrun's environment; one process without it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, torch.device(device)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
+def lr_lambda(warmup: int, steps: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def param_groups(model: nn.Module, wd: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: not on gains, biases, embeddings' scale or logit_scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        plain = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        (no_decay if plain else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": wd}]
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_objects(obj: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def save_checkpoint(path: Path, *, name: str, model: nn.Module, opt, sched, step: int,
+                    position: int, world: int, rngs: list, args: argparse.Namespace) -> None:
+    """One file: a `state_dict` open_clip can load, plus what `--resume` needs."""
+    ckpt = {
+        "name": name,
+        "state_dict": ev.unwrap(model).state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "step": step,
+        "data": {"position": position, "world": world},
+        "rng": rngs,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(path)  # a crash while writing never leaves a half checkpoint behind
+
+
+def write_rows(path: Path, fields: Sequence[str], rows: list[dict], keep_below: int | None) -> None:
+    """Append rows; on a resumed run first drop the rows of steps that will be run again."""
+    old: list[dict] = []
+    if keep_below is not None and path.exists():
+        with path.open() as f:
+            old = [r for r in csv.DictReader(f) if int(r["step"]) < keep_below]
+    mode = "w" if keep_below is not None or not path.exists() else "a"
+    with path.open(mode, newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
+        if mode == "w":
+            w.writeheader()
+            w.writerows(old)
+        w.writerows(rows)
+
+
+def plot(out: Path) -> Path:
+    """curves.png: training loss and logit scale per step, evaluation metrics per evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with (out / "log.csv").open() as f:
+        log = list(csv.DictReader(f))
+    evals: list[dict] = []
+    if (out / "eval.csv").exists():
+        with (out / "eval.csv").open() as f:
+            evals = list(csv.DictReader(f))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    steps = [int(r["step"]) for r in log]
+    axes[0].plot(steps, [float(r["loss"]) for r in log])
+    axes[0].set(xlabel="step", ylabel="loss", title="contrastive loss (global batch)")
+    axes[1].plot(steps, [float(r["scale"]) for r in log])
+    axes[1].set(xlabel="step", ylabel="exp(logit_scale)", title="temperature")
+    for key in (evals[0].keys() if evals else []):
+        if key != "step" and ("top" in key or "R@" in key):
+            axes[2].plot([int(r["step"]) for r in evals], [float(r[key]) for r in evals],
+                         marker="o", label=key)
+    axes[2].set(xlabel="step", ylabel="held-out", title="evaluation", ylim=(0, 1.02))
+    if evals:
+        axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def evaluate(model: nn.Module, tokenizer, preprocess, args, device) -> dict[str, float]:
+    res: dict[str, float] = {}
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[]):  # evaluating never changes the training's randomness
+        if args.zeroshot_dir:
+            res |= ev.zero_shot(model, tokenizer, preprocess, args.zeroshot_dir, device,
+                                templates=args.templates)
+        if args.retrieval_data:
+            res |= ev.retrieval(model, tokenizer, preprocess, args.retrieval_data, device)
+    model.train(was_training)
+    return res
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    rank, world, device = setup_distributed(args.device)
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} does not split over {world} ranks")
+    local_batch = args.batch_size // world
+    if local_batch % args.micro_batch_size:
+        raise ValueError(
+            f"the per-rank batch {local_batch} (--batch-size {args.batch_size} over {world} ranks) "
+            f"is not a multiple of --micro-batch-size {args.micro_batch_size}"
+        )
+    ev.register_configs(*args.model_config)
+    if args.model not in open_clip.list_models():
+        raise ValueError(f"unknown model {args.model!r}; add its JSON with --model-config")
+    out: Path = args.out
+    ckpt_dir = out / "checkpoints"
+    resume_path = ckpt_dir / "latest.pt" if args.resume == "latest" else args.resume
+    ckpt = ev.read_checkpoint(resume_path, args.model) if resume_path else None
+
+    torch.manual_seed(args.seed)  # same initial weights on every rank
+    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        args.model, device=device)
+    tokenizer = open_clip.get_tokenizer(args.model)
+    if args.lock_image:
+        if args.lock_image_from and ckpt is None:
+            src = ev.read_checkpoint(args.lock_image_from, args.model)
+            visual = {k[len("visual."):]: v for k, v in src["state_dict"].items()
+                      if k.startswith("visual.")}
+            model.visual.load_state_dict(visual)
+        model.lock_image_tower(unlocked_groups=0)
+    opt = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr,
+                            betas=(args.beta1, args.beta2), eps=args.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup, args.steps))
+    start, position = 0, 0
+    if ckpt is not None:
+        if ckpt["data"]["world"] != world:
+            raise ValueError(f"{resume_path} was written by {ckpt['data']['world']} ranks, "
+                             f"this run has {world}: resume with the same number of ranks")
+        ev.load_state(model, ckpt["state_dict"], str(resume_path))
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        start, position = ckpt["step"], ckpt["data"]["position"]
+        set_rng_state(ckpt["rng"][rank])
+    else:
+        torch.manual_seed(args.seed * 7919 + rank)
+
+    frozen = args.lock_image
+    ddp = None
+    if world > 1:
+        ddp = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda"):
+        autocast: Any = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
+    else:
+        autocast = contextlib.nullcontext
+
+    def encode_image(x):
+        with autocast():
+            return F.normalize(model.encode_image(x), dim=-1)
+
+    def encode_text(t):
+        with autocast():
+            return F.normalize(model.encode_text(t), dim=-1)
+
+    def encode_pair(batch):  # one DDP forward for both towers, as DDP wants
+        with autocast():
+            out = ddp(*batch)
+        img, txt = (out["image_features"], out["text_features"]) if isinstance(out, dict) else out[:2]
+        return img, txt
+
+    if args.compile:
+        encode_image, encode_text, encode_pair = (
+            torch.compile(encode_image), torch.compile(encode_text), torch.compile(encode_pair))
+    loss_impl = LOSSES[args.loss]
+
+    def loss_fn(img, txt):
+        scale = ev.unwrap(model).logit_scale.exp()
+        return loss_impl(img, txt.to(img.dtype), scale, symmetric=True)
+
+    loader = PairLoader(args.train_data, local_batch, preprocess_train, tokenizer,
+                        seed=args.seed, rank=rank, world=world,
+                        shuffle_buffer=args.shuffle_buffer, start=position)
+    log_rows: list[dict] = []
+    eval_rows: list[dict] = []
+    first_write = start
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps,
+               disable=rank != 0 or args.no_progress, dynamic_ncols=True,
+               mininterval=1 if sys.stderr.isatty() else 15)
+    model.train()
+    last_eval: dict[str, float] = {}
+    for step in bar:
+        t0 = time.perf_counter()
+        images, texts = next(loader)
+        images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
+        opt.zero_grad(set_to_none=True)
+        if ddp is None:
+            loss = infcl.grad_cache_step(
+                encode_image, encode_text, images, texts, loss_fn,
+                micro_batch_size=args.micro_batch_size, mode=args.mode, frozen_a=frozen)
+        else:
+            loss = infcl.grad_cache_step(
+                encode_pair, None, images, texts, loss_fn,
+                micro_batch_size=args.micro_batch_size, mode=args.mode, frozen_a=frozen,
+                no_sync=ddp.no_sync)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            ev.unwrap(model).logit_scale.clamp_(0, math.log(100))
+        loss = loss.float()
+        if world > 1:  # each rank's loss is its rows' mean; the global loss is their mean
+            dist.all_reduce(loss)
+            loss /= world
+        done = step + 1
+        row = {
+            "step": done, "loss": loss.item(), "lr": sched.get_last_lr()[0],
+            "scale": ev.unwrap(model).logit_scale.exp().item(),
+            "samples_per_s": args.batch_size / (time.perf_counter() - t0),
+            "samples_seen": done * args.batch_size, "corrupt": loader.counts.corrupt,
+        }
+        log_rows.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", scale=f"{row['scale']:.1f}")
+        is_last = done == args.steps
+        if rank == 0 and (is_last or (args.eval_every and done % args.eval_every == 0)):
+            if args.zeroshot_dir or args.retrieval_data:
+                last_eval = evaluate(model, tokenizer, preprocess_val, args, device)
+                eval_rows.append({"step": done} | last_eval)
+                bar.write(f"step {done}: " + ", ".join(
+                    f"{k} {v:.3f}" for k, v in last_eval.items() if isinstance(v, float)))
+        if is_last or (args.save_every and done % args.save_every == 0):
+            rngs = gather_objects(rng_state(), world)
+            if rank == 0:
+                path = ckpt_dir / f"step_{done:07d}.pt"
+                save_checkpoint(path, name=args.model, model=model, opt=opt, sched=sched,
+                                step=done, position=loader.position, world=world, rngs=rngs,
+                                args=args)
+                (ckpt_dir / "latest.pt").unlink(missing_ok=True)
+                os.link(path, ckpt_dir / "latest.pt")
+                write_rows(out / "log.csv", LOG_FIELDS, log_rows,
+                           first_write if first_write == start else None)
+                if eval_rows:
+                    write_rows(out / "eval.csv", ["step", *eval_rows[0]], eval_rows,
+                               first_write if first_write == start else None)
+                log_rows, eval_rows, first_write = [], [], -1
+    bar.close()
+    summary: dict[str, Any] = {"out": str(out), "steps": args.steps, "eval": last_eval,
+                               "corrupt": loader.counts.corrupt, "read": loader.counts.read}
+    if rank == 0:
+        if (out / "log.csv").exists():
+            summary["plot"] = str(plot(out))
+        summary["checkpoint"] = str(ckpt_dir / "latest.pt")
+        if loader.counts.corrupt:
+            print(f"skipped {loader.counts.corrupt} corrupt samples of {loader.counts.read}; "
+                  f"first: {loader.counts.errors[:3]}", file=sys.stderr)
+    if world > 1:
+        dist.barrier()
+    return summary
+
+
+if __name__ == "__main__":
+    main()
+    if dist.is_initialized():
+        dist.destroy_process_group()
