@@ -1,0 +1,225 @@
+"""Drop-in replacements for open_clip's `ClipLoss` and inf_cl's `cal_*_loss`, on infcl's losses.
+
+Each keeps the caller's arguments and the original's value; what differs is said where it
+differs. `docs/migrating.md` is the user-facing version of these notes.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from infcl.chunked import chunked_loss
+from infcl.dist.ring import world_size as _group_size
+from infcl.inf import inf_loss
+from infcl.ring import ring_loss
+
+__all__ = ["ClipLoss", "cal_inf_loss", "cal_ring_loss", "cal_flash_loss"]
+
+
+def _process_group() -> tuple[int, int]:
+    """(world size, rank) of the default process group; (1, 0) when none is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class ClipLoss(nn.Module):
+    """open_clip's `ClipLoss` with the same arguments and value, computed by `infcl.inf_loss`.
+
+    `forward` returns `(CE(S, y) + CE(S.T, y)) / 2` for `S = logit_scale * image_features @
+    text_features.T` and diagonal positives `y`, as open_clip does, without materialising `S`:
+    Triton tiles on CUDA, torch tiles on CPU. `logit_scale` is the multiplier itself, already
+    exponentiated (open_clip's models return `self.logit_scale.exp()`).
+
+    Across ranks (an initialised default process group of more than one rank) the key shards
+    travel around a ring. The value and gradients on every rank are those of open_clip's
+    `ClipLoss(local_loss=True, gather_with_grad=True)`: the loss of this rank's rows against
+    the global batch, and feature gradients of the sum of all ranks' losses, so that DDP's
+    averaging yields the gradient of the global loss. The scale's gradient is this rank's share
+    of the total, with no all-reduce of its own; the shares are split otherwise than open_clip's
+    per-rank gradients but have the same mean over ranks, which is what DDP applies.
+
+    Args:
+        local_loss: across ranks, False returns the loss of the global batch on every rank (as
+            open_clip does); the gradients are the same as with True, which equal open_clip's
+            for the features, and for the scale after DDP's averaging. True returns this
+            rank's loss. No effect in one process.
+        gather_with_grad: must be True across ranks: infcl always back-propagates through every
+            rank's features. open_clip's False drops that part of the gradient, which infcl does
+            not reproduce, so it is rejected rather than silently changed.
+        cache_labels: accepted and ignored (no label tensor is built).
+        rank, world_size: as in open_clip; they must match the default process group (rank 0
+            and world size 1 without one), else `forward` raises ValueError.
+        use_horovod: not supported (True raises ValueError); use torch.distributed.
+    """
+
+    def __init__(
+        self,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        use_horovod: bool = False,
+    ) -> None:
+        super().__init__()
+        if use_horovod:
+            raise ValueError(
+                "infcl.compat.ClipLoss does not support Horovod: its ring runs on "
+                "torch.distributed process groups (NCCL, gloo). Pass use_horovod=False."
+            )
+        if world_size > 1 and not gather_with_grad:
+            raise ValueError(
+                "infcl.compat.ClipLoss always back-propagates through the features of every "
+                "rank, which is open_clip's gather_with_grad=True (--gather-with-grad); its "
+                "gather_with_grad=False drops that gradient. Pass gather_with_grad=True."
+            )
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self._warned_bias = False
+
+    def _check_group(self) -> int:
+        world, rank = _process_group()
+        if (self.world_size, self.rank) != (world, rank):
+            found = (
+                f"a default process group of {world} ranks in which this is rank {rank}"
+                if dist.is_available() and dist.is_initialized()
+                else "no initialised process group (world_size 1, rank 0)"
+            )
+            raise ValueError(
+                f"ClipLoss was built with world_size={self.world_size}, rank={self.rank}, but "
+                f"there is {found}. infcl computes across the default process group; pass its "
+                "world size and rank."
+            )
+        return world
+
+    def _bias_term(self, logit_bias: float | Tensor) -> float | Tensor:
+        """Zero, in the graph of `logit_bias` so that DDP sees it used (its gradient is 0)."""
+        if isinstance(logit_bias, Tensor) and logit_bias.numel() != 1:
+            raise ValueError(
+                f"logit_bias must be a scalar (one element), got shape {tuple(logit_bias.shape)}"
+            )
+        if not self._warned_bias:
+            warnings.warn(
+                "ClipLoss: a scalar logit_bias shifts every logit of a row equally, so it "
+                "cancels in the softmax: the loss is the same without it and its gradient is 0. "
+                "It is accepted for open_clip compatibility and otherwise ignored.",
+                UserWarning,
+                stacklevel=3,
+            )
+            self._warned_bias = True
+        return logit_bias.sum() * 0.0 if isinstance(logit_bias, Tensor) else 0.0
+
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: float | Tensor,
+        logit_bias: float | Tensor | None = None,
+        output_dict: bool = False,
+    ) -> Tensor | dict[str, Tensor]:
+        world = self._check_group()
+        loss = inf_loss(image_features, text_features, logit_scale, symmetric=True)
+        if logit_bias is not None:
+            loss = loss + self._bias_term(logit_bias)
+        if world > 1 and not self.local_loss:
+            loss = loss + (_global_mean(loss.detach(), image_features.shape[0]) - loss).detach()
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+def _global_mean(local_mean: Tensor, rows: int) -> Tensor:
+    """The mean over all ranks' rows, from each rank's mean over its own (exact for any shards)."""
+    both = torch.stack([local_mean.double() * rows, local_mean.new_tensor(rows, dtype=torch.float64)])
+    dist.all_reduce(both)
+    return (both[0] / both[1]).to(local_mean.dtype)
+
+
+def _global_labels(q: Tensor, k: Tensor, labels: Tensor | None) -> Tensor:
+    """inf_cl's labels (indices into this rank's keys; None: 0..M-1) as global key indices."""
+    n = k.shape[0]
+    y = torch.arange(q.shape[0], device=q.device) if labels is None else labels.long()
+    if not torch.compiler.is_compiling() and bool(((y < 0) | (y >= n)).any()):
+        bad = y[(y < 0) | (y >= n)][:5].tolist()
+        raise ValueError(
+            f"labels index this rank's keys, so they must lie in [0, {n}); got {bad}"
+            + (" (labels=None means 0..M-1, which needs M <= N)" if labels is None else "")
+        )
+    world, rank = _process_group()
+    if world == 1:
+        return y
+    sizes = [torch.zeros(1, dtype=torch.long, device=k.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([n], dtype=torch.long, device=k.device))
+    return y + int(sum(int(s) for s in sizes[:rank]))
+
+
+def cal_inf_loss(
+    q: Tensor,
+    k: Tensor,
+    labels: Tensor | None = None,
+    scale: float | Tensor | None = None,
+    head_dim: int | None = None,
+) -> Tensor:
+    """inf_cl's `cal_inf_loss`: the one-direction q -> k loss, this rank's mean, on `inf_loss`.
+
+    As in inf_cl 1.2.1: each rank passes its shard of q and k; `labels` index this rank's own
+    keys (None: row i's positive is local key i); the loss of each row runs over the keys of all
+    ranks of the default process group; each rank returns the mean over its own rows. `scale`
+    multiplies the logits (None: 1). Gradients follow infcl's DDP convention.
+
+    Differences from inf_cl: `head_dim` is accepted and ignored (any D works); it runs without a
+    process group and with a group of one rank; a learnable scale's gradient is this rank's
+    share, with no all-reduce, so it needs no process group and is not W times too large once
+    DDP averages it; shards may differ in size; inputs of any float dtype are computed in it
+    (bf16 and fp16 on the tensor cores), not upcast to fp32 copies.
+    """
+    del head_dim
+    y = _global_labels(q, k, labels)
+    return inf_loss(q, k, 1.0 if scale is None else scale, labels=y)
+
+
+def cal_ring_loss(
+    q: Tensor,
+    k: Tensor,
+    labels: Tensor | None = None,
+    scale: float | Tensor | None = None,
+    head_dim: int | None = None,
+) -> Tensor:
+    """inf_cl's `cal_ring_loss` (torch tiles around the ring): `cal_inf_loss` on `ring_loss`.
+
+    The same contract and differences as `cal_inf_loss`. Unlike inf_cl's, the log-sum-exp
+    subtracts its maximum, so logits beyond about 88 do not overflow to inf.
+    """
+    del head_dim
+    y = _global_labels(q, k, labels)
+    return ring_loss(q, k, 1.0 if scale is None else scale, labels=y)
+
+
+def cal_flash_loss(
+    q: Tensor,
+    k: Tensor,
+    labels: Tensor | None = None,
+    scale: float | Tensor | None = None,
+    head_dim: int | None = None,
+) -> Tensor:
+    """inf_cl's `cal_flash_loss`: one device, the per-row losses `[M]` (no reduction).
+
+    As in inf_cl it ignores any process group: q's rows against this device's k only, labels
+    into k (None: 0..M-1). `head_dim` is accepted and ignored. Inside a process group of more
+    than one rank it runs `chunked_loss` (torch tiles), since `inf_loss` would join the ring.
+    """
+    del head_dim
+    n = k.shape[0]
+    y = torch.arange(q.shape[0], device=q.device) if labels is None else labels
+    s = 1.0 if scale is None else scale
+    if labels is None and q.shape[0] > n:
+        raise ValueError(f"labels=None means 0..M-1, which needs M <= N; got M={q.shape[0]}, N={n}")
+    if _group_size(None) > 1:
+        return chunked_loss(q, k, s, labels=y, reduction="none")
+    return inf_loss(q, k, s, labels=y, reduction="none")

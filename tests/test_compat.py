@@ -1,0 +1,351 @@
+"""infcl.compat against the originals: open_clip's `ClipLoss` and inf_cl's pure-torch ring loss.
+
+Single-process tests run here; the distributed ones run in one spawn of `WORLD` gloo ranks that
+executes every case once (`dist_results`) and reports per case and rank, so the spawn is paid
+once. Each case returns '' or what went wrong; the tests below assert on those reports.
+The tolerance rule is helpers.py's: against the original in float64,
+`err(infcl) <= 2 * err(original in the same dtype) + FLOOR[dtype]`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import multiprocessing as mp
+import os
+import queue
+import tempfile
+import traceback
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from helpers import FLOOR, assert_close_to_naive, rel_err
+from torch import Tensor
+
+from infcl import naive_loss
+from infcl.compat import ClipLoss, cal_flash_loss, cal_inf_loss, cal_ring_loss
+
+WORLD = 3
+B, D = 5, 19  # rows per rank; D not a power of two
+TIMEOUT_S = 180.0
+
+
+def features(n: int, d: int, seed: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=-1).to(dtype)
+
+
+def clip_run(loss_fn: Callable[..., Any], img: Tensor, txt: Tensor, log_scale: float, **kw: Any):
+    """Loss and the gradients of image, text and the log-scale parameter (the scale is its exp)."""
+    img = img.detach().clone().requires_grad_()
+    txt = txt.detach().clone().requires_grad_()
+    ls = torch.tensor(log_scale, dtype=torch.float64 if img.dtype == torch.float64 else torch.float32,
+                      requires_grad=True)
+    loss = loss_fn(img, txt, ls.exp(), **kw)
+    loss.backward()
+    return loss.detach(), img.grad, txt.grad, ls.grad
+
+
+def compare(names: tuple[str, ...], got, same, truth, dtype: torch.dtype) -> str:
+    """'' when every `got` meets the tolerance rule against `truth`, else what failed."""
+    out = []
+    for name, x, x_same, x64 in zip(names, got, same, truth, strict=True):
+        e, e_ref = rel_err(x, x64.double()), rel_err(x_same, x64.double())
+        if not e <= 2 * e_ref + FLOOR[dtype]:
+            out.append(f"{name} ({dtype}): err {e:.3g} > 2 * {e_ref:.3g} + {FLOOR[dtype]:g}")
+    return "; ".join(out)
+
+
+CLIP_NAMES = ("loss", "d image", "d text", "d logit_scale")
+
+
+# ---- single process --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n", "log_scale"), [(37, math.log(1 / 0.07)), (64, math.log(100.0)), (1, 0.0)])
+def test_clip_loss_matches_open_clip(dtype: torch.dtype, n: int, log_scale: float) -> None:
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    img, txt = features(n, D, seed=n), features(n, D, seed=n + 1)
+    truth = clip_run(open_clip_loss.ClipLoss(), img, txt, log_scale)
+    same = clip_run(open_clip_loss.ClipLoss(), img.to(dtype), txt.to(dtype), log_scale)
+    got = clip_run(ClipLoss(), img.to(dtype), txt.to(dtype), log_scale)
+    assert got[1].dtype == dtype and got[2].dtype == dtype
+    assert not compare(CLIP_NAMES, got, same, truth, dtype), compare(CLIP_NAMES, got, same, truth, dtype)
+
+
+def test_clip_loss_output_dict_and_ignored_arguments() -> None:
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    img, txt = features(9, D, 0), features(9, D, 1)
+    want = open_clip_loss.ClipLoss(cache_labels=True)(img, txt, 20.0, output_dict=True)
+    got = ClipLoss(local_loss=True, cache_labels=True)(img, txt, 20.0, output_dict=True)
+    assert got.keys() == want.keys() == {"contrastive_loss"}
+    torch.testing.assert_close(got["contrastive_loss"], want["contrastive_loss"])
+
+
+def test_clip_loss_logit_bias_warns_once_and_cancels() -> None:
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    img, txt = features(11, D, 2), features(11, D, 3)
+    bias = torch.tensor(-10.0, dtype=torch.float64, requires_grad=True)
+    want = open_clip_loss.ClipLoss()(img, txt, 14.0, logit_bias=bias)
+    loss_fn = ClipLoss()
+    with pytest.warns(UserWarning, match="cancels in the softmax"):
+        got = loss_fn(img, txt, 14.0, logit_bias=bias)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert bias.grad is not None and float(bias.grad) == 0.0  # in the graph (DDP sees it used)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss_fn(img, txt, 14.0, logit_bias=-10.0)
+    with pytest.raises(ValueError, match="scalar"):
+        loss_fn(img, txt, 14.0, logit_bias=torch.zeros(11))
+
+
+def test_clip_loss_rejects_what_it_cannot_honour() -> None:
+    with pytest.raises(ValueError, match="Horovod"):
+        ClipLoss(use_horovod=True)
+    with pytest.raises(ValueError, match="gather_with_grad=True"):
+        ClipLoss(world_size=2, rank=1, local_loss=True)
+    img = features(4, D, 0)
+    with pytest.raises(ValueError, match="no initialised process group"):
+        ClipLoss(world_size=2, rank=0, gather_with_grad=True)(img, img, 1.0)
+
+
+def _inf_cl_style(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """fn(q, k, labels, scale) called the way helpers.assert_close_to_naive calls a loss."""
+
+    def call(q: Tensor, k: Tensor, s: Any, labels: Tensor | None = None, **kw: Any) -> Tensor:
+        return fn(q, k, labels, s, head_dim=256)
+
+    call.__name__ = fn.__name__
+    return call
+
+
+@pytest.mark.parametrize("fn", [cal_inf_loss, cal_ring_loss])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cal_loss_without_process_group(fn: Callable[..., Tensor], dtype: torch.dtype) -> None:
+    """inf_cl's defect 1: a learnable scale crashed in backward without a process group."""
+    q, k = features(13, D, 4), features(13, D, 5)
+    scale = torch.tensor(30.0, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    labels = torch.randperm(13, generator=torch.Generator().manual_seed(0))
+    assert_close_to_naive(_inf_cl_style(fn), q, k, scale, dtype=dtype, labels=labels)
+    assert_close_to_naive(_inf_cl_style(fn), q, k, scale, dtype=dtype, labels=None)
+    q_few = q[:4].clone()  # labels=None: row i's positive is key i, so M < N works too
+    want = naive_loss(q_few, k, 2.0, labels=torch.arange(4))
+    torch.testing.assert_close(fn(q_few, k, scale=2.0), want)
+    with pytest.raises(ValueError, match=r"\[0, 13\)"):
+        fn(q, k, torch.full((13,), 13), 2.0)
+
+
+def test_cal_flash_loss_is_per_row() -> None:
+    q, k = features(10, D, 6), features(12, D, 7)
+    labels = torch.randint(0, 12, (10,), generator=torch.Generator().manual_seed(1))
+    got = cal_flash_loss(q, k, labels, 15.0, head_dim=64)
+    torch.testing.assert_close(got, naive_loss(q, k, 15.0, labels=labels, reduction="none"))
+    torch.testing.assert_close(cal_flash_loss(q, k), naive_loss(q, k, 1.0, labels=torch.arange(10), reduction="none"))
+
+
+# ---- across ranks: one spawn runs every case -------------------------------------------------
+
+
+def _local_clip(open_clip_loss: Any, rank: int, dtype: torch.dtype, local_loss: bool) -> str:
+    """ClipLoss(gather_with_grad=True) on this rank's shard, infcl against open_clip."""
+    img_all, txt_all = features(WORLD * B, D, 10), features(WORLD * B, D, 11)
+    img, txt = img_all[rank * B:(rank + 1) * B], txt_all[rank * B:(rank + 1) * B]
+    kw = {"local_loss": local_loss, "gather_with_grad": True, "rank": rank, "world_size": WORLD}
+    log_scale = math.log(1 / 0.07)
+    truth = clip_run(open_clip_loss.ClipLoss(**kw), img, txt, log_scale)
+    same = clip_run(open_clip_loss.ClipLoss(**kw), img.to(dtype), txt.to(dtype), log_scale)
+    got = clip_run(ClipLoss(**kw), img.to(dtype), txt.to(dtype), log_scale)
+    # The value and the feature gradients are open_clip's on every rank. The scale's gradient is
+    # this rank's share of the total, split otherwise than open_clip's: equal once DDP averages.
+    err = compare(CLIP_NAMES[:3], got[:3], same[:3], truth[:3], dtype)
+    dls = torch.stack([got[3].double(), same[3].double(), truth[3].double()])
+    dist.all_reduce(dls)
+    dls /= WORLD
+    return "; ".join(e for e in (err, compare(CLIP_NAMES[3:], dls[:1], dls[1:2], dls[2:], dtype)) if e)
+
+
+def _clip_mismatch(rank: int) -> str:
+    img = features(B, D, 0)
+    try:
+        ClipLoss(world_size=2, rank=0, gather_with_grad=True)(img, img, 1.0)
+    except ValueError as e:
+        return "" if "default process group of 3 ranks" in str(e) else f"wrong message: {e}"
+    return "no error for world_size=2 in a group of 3"
+
+
+def _ring_vs_inf_cl(inf_cl: Any, rank: int, ours: Callable[..., Tensor], with_labels: bool) -> str:
+    """ours against inf_cl.cal_ring_loss, float32, logits below 30 (inf_cl overflows past ~88)."""
+    n, d = 6, 24  # inf_cl needs D to be a multiple of its head_dim (8 here)
+    q = features(WORLD * n, d, 20, torch.float32)[rank * n:(rank + 1) * n]
+    k = features(WORLD * n, d, 21, torch.float32)[rank * n:(rank + 1) * n]
+    gen = torch.Generator().manual_seed(100 + rank)
+    labels = torch.randint(0, n, (n,), generator=gen) if with_labels else None
+
+    def run(fn: Callable[..., Tensor], **kw: Any):
+        qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+        ls = torch.tensor(math.log(30.0), requires_grad=True)
+        loss = fn(qq, kk, labels, ls.exp(), **kw)
+        loss.backward()
+        return loss.detach(), qq.grad, kk.grad, ls.grad
+
+    want = run(inf_cl.cal_ring_loss, head_dim=8)
+    got = run(ours)
+    errors = []
+    for name, x, y in zip(("loss", "dq", "dk"), got[:3], want[:3], strict=True):
+        if not rel_err(x, y.double()) <= 10 * FLOOR[torch.float32]:
+            errors.append(f"{name}: err {rel_err(x, y.double()):.3g}")
+    # inf_cl all-reduces the scale's gradient, so every rank holds the sum of the shares: W times
+    # what DDP's averaging of infcl's shares gives (defect 2). The sum of infcl's shares is it.
+    total = got[3].clone()
+    dist.all_reduce(total)
+    if not rel_err(total, want[3].double()) <= 10 * FLOOR[torch.float32]:
+        errors.append(f"sum of dscale shares {float(total)} vs inf_cl's {float(want[3])}")
+    return "; ".join(errors)
+
+
+def _unequal_shards(rank: int) -> str:
+    """Local labels on unequal shards: cal_inf_loss against naive with the labels made global."""
+    ms, ns = (2, 5, 3), (4, 3, 6)
+    q_all, k_all = features(sum(ms), D, 30), features(sum(ns), D, 31)
+    local = torch.randint(0, 3, (sum(ms),), generator=torch.Generator().manual_seed(3))
+    row0, col0 = sum(ms[:rank]), sum(ns[:rank])
+    owner = torch.repeat_interleave(torch.arange(WORLD), torch.tensor(ms))
+    glob = local + torch.tensor([sum(ns[:r]) for r in range(WORLD)])[owner]
+    s = torch.tensor(12.0, dtype=torch.float64, requires_grad=True)
+    q_all.requires_grad_()
+    k_all.requires_grad_()
+    per = naive_loss(q_all, k_all, s, labels=glob, reduction="none")
+    want = [per[sum(ms[:r]):sum(ms[:r + 1])].mean() for r in range(WORLD)]
+    sum(want).backward()
+
+    q = q_all.detach()[row0:row0 + ms[rank]].clone().requires_grad_()
+    k = k_all.detach()[col0:col0 + ns[rank]].clone().requires_grad_()
+    s_mine = s.detach().clone().requires_grad_()
+    loss = cal_inf_loss(q, k, local[row0:row0 + ms[rank]], s_mine, head_dim=7)
+    loss.backward()
+    ds = s_mine.grad.clone()
+    dist.all_reduce(ds)
+    pairs = [
+        ("loss", loss, want[rank]), ("dq", q.grad, q_all.grad[row0:row0 + ms[rank]]),
+        ("dk", k.grad, k_all.grad[col0:col0 + ns[rank]]), ("sum of dscale", ds, s.grad),
+    ]
+    return "; ".join(f"{name}: err {rel_err(x, y):.3g}" for name, x, y in pairs
+                     if not rel_err(x.detach(), y.detach()) <= 1e-10)
+
+
+def _flash_in_group(rank: int) -> str:
+    """cal_flash_loss ignores the process group, as inf_cl's does: local rows against local keys."""
+    q, k = features(4, D, 40 + rank), features(6, D, 50 + rank)
+    got = cal_flash_loss(q, k, None, 9.0)
+    want = naive_loss(q, k, 9.0, labels=torch.arange(4), reduction="none")
+    return "" if torch.allclose(got, want, rtol=1e-12, atol=1e-12) else f"{got} vs {want}"
+
+
+def _cases(rank: int) -> dict[str, str]:
+    out: dict[str, str] = {}
+
+    def case(name: str, fn: Callable[[], str]) -> None:
+        try:
+            out[name] = fn()
+        except Exception:  # report it; a peer stuck in a collective times out on its own
+            out[name] = traceback.format_exc()
+
+    try:
+        import open_clip.loss as open_clip_loss
+    except ImportError as e:
+        out["open_clip"] = f"skip: {e}"
+    else:
+        for dtype in (torch.float64, torch.float32):
+            for local in (True, False):
+                case(f"open_clip local_loss={local} {dtype}",
+                     lambda d=dtype, lo=local: _local_clip(open_clip_loss, rank, d, lo))
+    case("mismatch", lambda: _clip_mismatch(rank))
+    try:
+        import inf_cl
+    except ImportError as e:
+        out["inf_cl"] = f"skip: {e}"
+    else:
+        for name, ours in (("cal_ring_loss", cal_ring_loss), ("cal_inf_loss", cal_inf_loss)):
+            for with_labels in (True, False):
+                case(f"inf_cl {name} labels={with_labels}",
+                     lambda o=ours, w=with_labels: _ring_vs_inf_cl(inf_cl, rank, o, w))
+    case("unequal shards", lambda: _unequal_shards(rank))
+    case("flash in group", lambda: _flash_in_group(rank))
+    return out
+
+
+def _rank_main(rank: int, init_file: str, results: Any) -> None:
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+        results.put((rank, _cases(rank)))
+    except BaseException:  # noqa: B036  (the parent reports it)
+        results.put((rank, {"rank crashed": traceback.format_exc()}))
+
+
+@pytest.fixture(scope="module")
+def dist_results() -> dict[str, list[str]]:
+    """Every case's report on every rank: {case: [report of rank 0, 1, ...]}."""
+    ctx = mp.get_context("spawn")
+    fd, init_file = tempfile.mkstemp(prefix="infcl-compat-pg-")
+    os.close(fd)
+    os.unlink(init_file)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, init_file, results), daemon=True)
+             for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    per_rank: dict[int, dict[str, str]] = {}
+    try:
+        while len(per_rank) < WORLD:
+            rank, out = results.get(timeout=TIMEOUT_S)
+            per_rank[rank] = out
+    except queue.Empty:
+        pytest.fail(f"distributed compat cases: no answer within {TIMEOUT_S} s")
+    finally:
+        for p in procs:  # nothing worth a clean exit; tearing gloo down costs seconds
+            p.kill()
+        for p in procs:
+            p.join(timeout=10)
+    names = sorted({name for out in per_rank.values() for name in out})
+    return {name: [per_rank[r].get(name, "missing") for r in range(WORLD)] for name in names}
+
+
+def _check(dist_results: dict[str, list[str]], prefix: str) -> None:
+    crashed = dist_results.get("rank crashed")
+    assert crashed is None, "\n".join(crashed)
+    cases = {k: v for k, v in dist_results.items() if k.startswith(prefix)}
+    assert cases, f"no case {prefix!r} ran: {sorted(dist_results)}"
+    bad = {f"{name} rank {r}": e for name, errs in cases.items() for r, e in enumerate(errs) if e}
+    assert not bad, "\n".join(f"{k}: {v}" for k, v in bad.items())
+
+
+@pytest.mark.dist
+def test_dist_clip_loss_matches_open_clip(dist_results: dict[str, list[str]]) -> None:
+    """open_clip's local_loss=True, gather_with_grad=True on 3 gloo ranks (and local_loss=False).
+
+    Per rank: the loss and the feature gradients; the scale's gradient averaged over the ranks.
+    """
+    pytest.importorskip("open_clip.loss")
+    _check(dist_results, "open_clip")
+    _check(dist_results, "mismatch")
+
+
+@pytest.mark.dist
+def test_dist_cal_losses_match_inf_cl(dist_results: dict[str, list[str]]) -> None:
+    """inf_cl's cal_ring_loss on 3 gloo ranks: values, dq, dk and the (fixed) scale gradient."""
+    pytest.importorskip("inf_cl")
+    _check(dist_results, "inf_cl")
+
+
+@pytest.mark.dist
+def test_dist_cal_loss_unequal_shards_and_flash(dist_results: dict[str, list[str]]) -> None:
+    _check(dist_results, "unequal shards")
+    _check(dist_results, "flash in group")
