@@ -1,0 +1,183 @@
+"""examples/clip: shard reading, training with resume, evaluation, checkpoints through open_clip.
+
+Needs open_clip (with a torchvision that matches torch) and webdataset; skipped without them.
+Everything runs on CPU on a few dozen generated 32x32 images.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+try:
+    import open_clip
+    import torchvision  # noqa: F401
+    import webdataset  # noqa: F401
+except Exception as exn:  # ImportError, or torchvision built for another torch (RuntimeError)
+    pytest.skip(f"examples/clip needs open_clip and webdataset: {exn}", allow_module_level=True)
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "clip"
+sys.path.insert(0, str(EXAMPLE))
+import data  # noqa: E402
+import evaluate as ev  # noqa: E402
+import make_data  # noqa: E402
+import train  # noqa: E402
+
+MODEL = "shapes-tiny"
+N_TRAIN, N_VAL, PER_SHARD = 64, 30, 16
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("shapes")
+    make_data.make(out, n_train=N_TRAIN, n_val=N_VAL, per_shard=PER_SHARD)
+    ev.register_configs()
+    return make_data.patterns(out, N_TRAIN, N_VAL, PER_SHARD)
+
+
+@pytest.fixture(scope="module")
+def run_two_steps(shapes, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    train.main(args(shapes, out, "--steps", "2", "--save-every", "1",
+                    "--zeroshot-dir", shapes["folder"], "--retrieval-data", shapes["val"]))
+    return out
+
+
+def args(shapes: dict, out: Path, *extra: str) -> list[str]:
+    return ["--model", MODEL, "--train-data", shapes["train"], "--out", str(out),
+            "--batch-size", "16", "--micro-batch-size", "8", "--warmup", "1", "--lr", "1e-3",
+            "--loss", "chunked", "--shuffle-buffer", "8", "--no-progress", *extra]
+
+
+def losses(out: Path) -> dict[int, float]:
+    with (out / "log.csv").open() as f:
+        return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}
+
+
+def test_brace_expansion(shapes) -> None:
+    urls = data.expand_shards(shapes["train"])
+    assert [Path(u).name for u in urls] == ["0000.tar", "0001.tar", "0002.tar", "0003.tar"]
+    both = data.expand_shards(f"{shapes['train']}::{shapes['val']}")
+    assert len(both) == 6  # 4 train shards, 2 val shards
+    missing = shapes["train"].replace("0003}", "0009}")
+    with pytest.raises(FileNotFoundError, match="6 of 10 shards .* are missing"):
+        data.expand_shards(missing)
+
+
+def test_loader_batches_and_position(shapes) -> None:
+    _, pre, _ = open_clip.create_model_and_transforms(MODEL)
+    tok = open_clip.get_tokenizer(MODEL)
+    loader = data.PairLoader(shapes["train"], 8, pre, tok, shuffle_buffer=8)
+    images, texts = next(loader)
+    assert images.shape == (8, 3, 32, 32) and texts.shape == (8, 16)
+    next(loader)
+    assert loader.position == 16
+    torch.manual_seed(0)
+    third = next(loader)
+    resumed = data.PairLoader(shapes["train"], 8, pre, tok, shuffle_buffer=8, start=16)
+    torch.manual_seed(0)
+    again = next(resumed)
+    assert torch.equal(third[0], again[0]) and torch.equal(third[1], again[1])
+    # an epoch is every sample once; the next epoch reshuffles
+    seen = data.ShardStream(data.expand_shards(shapes["train"]), shuffle_buffer=8, epochs=1)
+    keys = [s["__key__"] for s in seen]
+    assert sorted(keys) == [f"{i:08d}" for i in range(N_TRAIN)]
+
+
+def test_corrupt_samples_are_skipped_and_counted(shapes, tmp_path) -> None:
+    good = data.expand_shards(shapes["val"])[0]
+    bad = tmp_path / "0000.tar"
+    with tarfile.open(good) as src, tarfile.open(bad, "w") as dst:
+        for i, member in enumerate(src.getmembers()[:12]):  # 6 samples
+            payload = src.extractfile(member).read()
+            if i == 0:
+                payload = b"not a jpeg"  # sample 0: broken image
+            if i == 3:
+                continue  # sample 1: no caption
+            member.size = len(payload)
+            dst.addfile(member, io.BytesIO(payload))
+    _, pre, _ = open_clip.create_model_and_transforms(MODEL)
+    loader = data.PairLoader(str(bad), 4, pre, open_clip.get_tokenizer(MODEL),
+                             shuffle_buffer=0, epochs=1)
+    images, _ = next(loader)
+    assert images.shape[0] == 4
+    assert loader.counts.corrupt == 2 and loader.position == 6
+    assert len(list(data.read_pairs(str(bad)))) == 4
+
+
+def test_two_steps_then_resume_reproduces(shapes, run_two_steps, tmp_path) -> None:
+    first = losses(run_two_steps)
+    assert sorted(first) == [1, 2] and all(v > 0 for v in first.values())
+    assert (run_two_steps / "curves.png").stat().st_size > 0
+    with (run_two_steps / "eval.csv").open() as f:
+        assert "zeroshot_top1" in next(csv.DictReader(f))
+    ckpts = run_two_steps / "checkpoints"
+    train.main(args(shapes, tmp_path, "--steps", "2", "--resume", str(ckpts / "step_0000001.pt")))
+    assert losses(tmp_path) == {2: first[2]}
+    want = torch.load(ckpts / "step_0000002.pt", weights_only=True)
+    got = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)
+    assert got["step"] == 2 and got["data"] == want["data"]
+    for k, v in want["state_dict"].items():
+        assert torch.equal(got["state_dict"][k], v), k
+
+
+def test_checkpoint_loads_through_open_clip(run_two_steps) -> None:
+    path = run_two_steps / "checkpoints" / "latest.pt"
+    model, _, _ = open_clip.create_model_and_transforms(MODEL, pretrained=str(path))
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+
+
+def test_checkpoint_from_another_model(run_two_steps, tmp_path) -> None:
+    path = run_two_steps / "checkpoints" / "latest.pt"
+    with pytest.raises(ValueError, match="saved from model 'shapes-tiny', not 'ViT-B-32'"):
+        ev.read_checkpoint(path, "ViT-B-32")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["state_dict"]["text_projection"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match="1 shape mismatches"):
+        ev.load_state(open_clip.create_model(MODEL), ckpt["state_dict"], "ckpt")
+
+
+def test_bad_arguments(shapes, tmp_path) -> None:
+    with pytest.raises(ValueError, match="not a multiple of --micro-batch-size"):
+        train.main(args(shapes, tmp_path, "--steps", "1", "--micro-batch-size", "6"))
+    with pytest.raises(FileNotFoundError, match="missing"):
+        train.main(args({"train": str(tmp_path / "{0000..0001}.tar")}, tmp_path, "--steps", "1"))
+
+
+def test_topk_accuracy_known_case() -> None:
+    logits = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.3, 0.5], [0.1, 0.8, 0.1], [0.3, 0.35, 0.4]])
+    labels = torch.tensor([0, 1, 1, 0])
+    res = ev.topk_accuracy(logits, labels, ks=(1, 2))
+    assert res == {"top1": 0.5, "top2": 0.75}
+
+
+def test_retrieval_recall_known_case() -> None:
+    txt = torch.eye(3)
+    img = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.2, 1.0], [0.0, 0.9, 0.1], [0.1, 1.0, 0.0]])
+    image_to_text = torch.tensor([0, 1, 2, 1])  # images 1 and 3 share caption 1
+    res = ev.retrieval_recall(img, txt, image_to_text, ks=(1, 2))
+    # image->text top-1: img0->t0 yes, img1->t2 no, img2->t1 no, img3->t1 yes
+    assert res["image_to_text_R@1"] == 0.5 and res["image_to_text_R@2"] == 1.0
+    # text->image top-1: t0->img0 yes, t1->img3 yes (a caption of t1), t2->img1 no
+    assert res["text_to_image_R@1"] == pytest.approx(2 / 3)
+    assert res["text_to_image_R@2"] == pytest.approx(1.0)  # t2's second is img2
+
+
+def test_zero_shot_and_retrieval_on_shards(shapes, run_two_steps) -> None:
+    model, pre, tok = ev.load_model(MODEL, run_two_steps / "checkpoints" / "latest.pt")
+    zs = ev.zero_shot(model, tok, pre, shapes["folder"], "cpu")
+    assert 0 <= zs["zeroshot_top1"] <= zs["zeroshot_top5"] <= 1
+    assert zs["zeroshot_chance"] == pytest.approx(1 / 30)
+    rr = ev.retrieval(model, tok, pre, shapes["val"], "cpu")
+    assert rr["retrieval_pairs"] == N_VAL and rr["image_to_text_R@1"] <= rr["image_to_text_R@10"]
+    classifier = ev.zero_shot_classifier(model, tok, ["red circle", "blue square"], ["a {}."], "cpu")
+    assert classifier.shape == (64, 2)
+    torch.testing.assert_close(classifier.norm(dim=0), torch.ones(2))
