@@ -342,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "samples_seen": done * args.batch_size, "corrupt": loader.counts.corrupt,
         }
         log_rows.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", scale=f"{row['scale']:.1f}")
+        bar.set_postfix(loss=f"{row['loss']:.3f}", scale=f"{row['scale']:.1f}", refresh=False)
         is_last = done == args.steps
         if rank == 0 and (is_last or (args.eval_every and done % args.eval_every == 0)):
             if args.zeroshot_dir or args.retrieval_data:
