@@ -8,23 +8,31 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 LINT_PATHS := $(wildcard infcl tests examples docs/*.py)
 
-.PHONY: install demo test lint pytest interpret docs
+.PHONY: install demo demo-loss test lint pytest interpret docs
 
 $(BIN)/python:
 	python3 -m venv $(VENV)
 
-# torch and triton are pinned first so that pip keeps the local CPU build of torch
-# (found through /opt/wheels) instead of pulling a multi-GB CUDA build from the index.
-# The grep drops pip's notes about local index folders it does not need.
+# open_clip (the example, the ClipLoss comparison tests) needs torchvision. PyPI's torchvision
+# does not load beside the local torch 2.13.0 CPU file, while torch 2.14.1 and torchvision
+# 0.29.1 lie on these machines' disk as a pair (from /opt/pypi-more, no download; torch 2.14.1
+# brings triton 3.8). Both stay pinned in the second install too, or pip trades them for a pair
+# that does not import. The grep drops pip's notes about local index folders it does not need.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q torch==2.13.0 triton==3.6.0 2>&1 | { grep -v 'is ignored: it is neither' || true; }
-	$(BIN)/pip install -q -e '.[test,docs,bench]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1 -e '.[test,docs,bench,example]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
 	rm -f $(VENV)/.installed-*
 	touch $@
 
 install: $(STAMP)
 
+# The main job: a small CLIP trained on generated shapes through the gradient cache, then
+# zero-shot accuracy and retrieval recall on a held-out split.
 demo: $(STAMP)
+	$(BIN)/python examples/clip/demo.py
+
+# naive vs chunked on this machine as the batch grows: agreement, time, peak memory
+demo-loss: $(STAMP)
 	$(BIN)/python examples/demo_naive_vs_chunked.py
 
 test: lint pytest interpret docs
