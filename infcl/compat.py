@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from infcl._spec import group_size
 from infcl.chunked import chunked_loss
-from infcl.dist.ring import world_size as _group_size
 from infcl.inf import inf_loss
 from infcl.ring import ring_loss
 
@@ -220,6 +220,6 @@ def cal_flash_loss(
     s = 1.0 if scale is None else scale
     if labels is None and q.shape[0] > n:
         raise ValueError(f"labels=None means 0..M-1, which needs M <= N; got M={q.shape[0]}, N={n}")
-    if _group_size(None) > 1:
+    if group_size(None) > 1:
         return chunked_loss(q, k, s, labels=y, reduction="none")
     return inf_loss(q, k, s, labels=y, reduction="none")

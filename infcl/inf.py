@@ -5,10 +5,17 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from infcl._spec import assemble, checked, describe, scale_tensor, target_columns
+from infcl._spec import (
+    assemble,
+    checked,
+    describe,
+    group_size,
+    scale_tensor,
+    target_columns,
+)
 from infcl._typing import Cols, Labels, Loss, Rows, Scale, typechecked
 from infcl.chunked import chunked_fwd
-from infcl.dist.ring import register_block, ring_loss_impl, world_size
+from infcl.dist.ring import register_block, ring_loss_impl
 
 try:
     from infcl.kernels.configs import INTERPRET
@@ -50,7 +57,7 @@ def inf_loss(
     """Contrastive loss from fused Triton tiles: the fastest exact path, memory linear in B."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if world_size(group) > 1:
+    if group_size(group) > 1:
         block = "inf" if _use_triton(q) else "chunked"
         extra = precision if block == "inf" else "0"
         return ring_loss_impl(

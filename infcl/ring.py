@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from infcl._spec import checked, describe
+from infcl._spec import checked, describe, group_size
 from infcl._typing import Cols, Labels, Loss, Rows, Scale, typechecked
 from infcl.chunked import chunked_loss
-from infcl.dist.ring import ring_loss_impl, world_size
+from infcl.dist.ring import ring_loss_impl
 
 
 @checked
@@ -25,7 +25,7 @@ def ring_loss(
     chunk_size: int | None = None,
 ) -> Loss:
     """Contrastive loss on the batch of all ranks, each holding a shard, with torch tiles per step."""
-    if world_size(group) == 1:
+    if group_size(group) == 1:
         return chunked_loss(
             q, k, scale, labels=labels, symmetric=symmetric, reduction=reduction,
             ignore_index=ignore_index, chunk_size=chunk_size,

@@ -9,7 +9,6 @@ from infcl.dist.ring import (
     ring_loss_impl,
     ring_pieces,
     validate_shard,
-    world_size,
 )
 
 __all__ = [
@@ -21,5 +20,4 @@ __all__ = [
     "ring_loss_impl",
     "ring_pieces",
     "validate_shard",
-    "world_size",
 ]

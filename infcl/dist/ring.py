@@ -43,7 +43,6 @@ __all__ = [
     "ring_loss_impl",
     "ring_pieces",
     "validate_shard",
-    "world_size",
 ]
 
 _BLOCKS: dict[str, tuple[Callable[..., Any], Callable[..., Any], Callable[[str], Any]]] = {}
@@ -64,13 +63,6 @@ def register_block(name: str, fwd: Callable, bwd: Callable, parse: Callable[[str
 
 
 register_block("chunked", chunked_fwd, chunked_bwd, int)
-
-
-def world_size(group: dist.ProcessGroup | None) -> int:
-    """Ranks in `group`; 1 when group is None and no default process group exists."""
-    if group is None and not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(group)
 
 
 def group_name(group: dist.ProcessGroup | None) -> str:
