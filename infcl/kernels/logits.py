@@ -1,4 +1,5 @@
-"""cuBLAS helpers of the backward: fp32 accumulation of low-precision products, fp32 precision."""
+"""Products shared by both stages: the Triton tile of `q @ k.T` that the forward and backward
+kernels recompute, and the backward's cuBLAS helpers (fp32 accumulation, fp32 precision)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,36 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
+
+
+@triton.jit
+def qk_tile(
+    q_ptr, k_ptr, o_m, o_n, m_m, m_n, D, stride_qm, stride_qd, stride_kn, stride_kd,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,  # the interpreter computes low-precision dots wrongly: go through fp32
+    IS_FP32: tl.constexpr,  # fp32 inputs take PRECISION ("tf32" or "ieee"); others ignore it
+    PRECISION: tl.constexpr,
+):
+    """`q[o_m] @ k[o_n].T` unscaled, fp32 `[BLOCK_M, BLOCK_N]`; masked rows and columns are 0.
+    Both stages call it, so the backward recomputes the forward's logits the same way."""
+    b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for start_d in range(0, D, BLOCK_D):
+        o_d = start_d + tl.arange(0, BLOCK_D)
+        m_d = o_d < D
+        p_q = q_ptr + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd
+        p_k = k_ptr + o_d[:, None] * stride_kd + o_n[None, :] * stride_kn
+        b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+        b_k = tl.load(p_k, mask=m_d[:, None] & m_n[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
+        if UPCAST:
+            b_acc = tl.dot(b_q.to(tl.float32), b_k.to(tl.float32), b_acc, input_precision="ieee")
+        elif IS_FP32:
+            b_acc = tl.dot(b_q, b_k, b_acc, input_precision=PRECISION)
+        else:
+            b_acc = tl.dot(b_q, b_k, b_acc)  # [BLOCK_M, BLOCK_N]
+    return b_acc
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from infcl._autograd import register_block_autograd
 from infcl._spec import split_lse
 from infcl.kernels import configs
 from infcl.kernels.configs import INTERPRET, Tile, bwd_tile, split
-from infcl.kernels.logits import addmm32_, matmul_precision
+from infcl.kernels.logits import addmm32_, matmul_precision, qk_tile
 from infcl.kernels.lse_fwd import inf_fwd
 
 
@@ -64,21 +64,10 @@ def _dlogits_kernel(
     for start_n in range(col_lo, col_hi, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = o_n < col_hi
-        b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for start_d in range(0, D, BLOCK_D):
-            o_d = start_d + tl.arange(0, BLOCK_D)
-            m_d = o_d < D
-            p_q = q_ptr + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd
-            p_k = k_ptr + o_d[:, None] * stride_kd + o_n[None, :] * stride_kn
-            b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-            b_k = tl.load(p_k, mask=m_d[:, None] & m_n[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
-            if UPCAST:
-                b_acc = tl.dot(b_q.to(tl.float32), b_k.to(tl.float32), b_acc,
-                               input_precision="ieee")
-            elif IS_FP32:
-                b_acc = tl.dot(b_q, b_k, b_acc, input_precision=PRECISION)
-            else:
-                b_acc = tl.dot(b_q, b_k, b_acc)  # [BLOCK_M, BLOCK_N], q @ k.T unscaled
+        b_acc = qk_tile(  # [BLOCK_M, BLOCK_N], q @ k.T unscaled
+            q_ptr, k_ptr, o_m, o_n, m_m, m_n, D, stride_qm, stride_qd, stride_kn, stride_kd,
+            BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION,
+        )
         b_s = b_acc * s
         b_p = b_gr[:, None] * _softmax(b_s, b_rh[:, None], b_rl[:, None], PRECISE)
         if HAS_COL:

@@ -17,6 +17,7 @@ from torch import Tensor
 from infcl._spec import LSE_DTYPE
 from infcl.kernels import configs
 from infcl.kernels.configs import INTERPRET, Tile, fwd_tile, split
+from infcl.kernels.logits import qk_tile
 
 
 @triton.jit
@@ -46,21 +47,10 @@ def _lse_fwd_kernel(
         for start_n in range(col_lo, col_hi, BLOCK_N):
             o_n = start_n + tl.arange(0, BLOCK_N)
             m_n = o_n < col_hi
-            b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for start_d in range(0, D, BLOCK_D):
-                o_d = start_d + tl.arange(0, BLOCK_D)
-                m_d = o_d < D
-                p_q = q_ptr + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd
-                p_k = k_ptr + o_d[:, None] * stride_kd + o_n[None, :] * stride_kn
-                b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-                b_k = tl.load(p_k, mask=m_d[:, None] & m_n[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
-                if UPCAST:
-                    b_acc = tl.dot(b_q.to(tl.float32), b_k.to(tl.float32), b_acc,
-                                   input_precision="ieee")
-                elif IS_FP32:
-                    b_acc = tl.dot(b_q, b_k, b_acc, input_precision=PRECISION)
-                else:
-                    b_acc = tl.dot(b_q, b_k, b_acc)  # [BLOCK_M, BLOCK_N], q @ k.T unscaled
+            b_acc = qk_tile(  # [BLOCK_M, BLOCK_N], q @ k.T unscaled
+                q_ptr, k_ptr, o_m, o_n, m_m, m_n, D, stride_qm, stride_qd, stride_kn, stride_kd,
+                BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION,
+            )
             # rows past the partition keep finite values (never stored); columns past it are -inf
             b_s = tl.where(m_n[None, :], b_acc * s, float("-inf"))
             b_new = tl.maximum(b_max, tl.max(b_s, axis=1))
