@@ -130,7 +130,6 @@ def time_step(fn, b, d, dtype, rep_ms):
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30
     ms = triton.testing.do_bench(step, warmup=max(rep_ms // 4, 1), rep=rep_ms,
                                  quantiles=[0.2, 0.5, 0.8])
-    del q, k, s
     torch.cuda.empty_cache()
     return ms, peak
 

@@ -42,7 +42,6 @@ __all__ = [
     "ring_fwd",
     "ring_loss_impl",
     "ring_pieces",
-    "validate_shard",
 ]
 
 _BLOCKS: dict[str, tuple[Callable[..., Any], Callable[..., Any], Callable[[str], Any]]] = {}
@@ -340,17 +339,6 @@ def _backward(ctx, g_row, g_col, g_pos, _g_sizes):
 
 
 ring_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def validate_shard(
-    q: Any, k: Any, scale: Any, labels: Any, symmetric: Any, reduction: Any, ignore_index: Any,
-) -> None:
-    """The contract's checks that one rank can make alone (eager mode only).
-
-    The diagonal's shape rule and the label range are properties of the global batch; the ring
-    op checks them on every rank at once after exchanging shard sizes.
-    """
-    validate(q, k, scale, labels, symmetric, reduction, ignore_index, shard=True)
 
 
 def ring_pieces(
