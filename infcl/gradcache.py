@@ -14,6 +14,9 @@ step instead:
 The parameter gradients are those of one step on the whole batch: the re-run draws the same dropout
 masks as the first pass, so the embeddings it differentiates are the ones the loss saw. Encoder
 memory is that of one micro-batch; the loss memory is the loss's own (O(B) with `infcl.inf_loss`).
+The re-run also repeats the first pass's in-place buffer updates (BatchNorm's running statistics),
+so each first-pass forward that will be re-run is undone on the buffers of the encoders' modules
+(argument `modules`): they end as the plain step leaves them, updated once per micro-batch.
 
 `mode="accumulate"` is open_clip's `accum_freq` scheme, also exact here: each micro-batch is
 re-encoded with grad and the loss is recomputed on the whole batch with that micro-batch's
@@ -29,7 +32,7 @@ from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = ["grad_cache_step", "split_batch"]
 
@@ -134,6 +137,64 @@ def _detached_leaf(parts: list[Tensor], requires_grad: bool) -> Tensor:
     return torch.cat(parts).detach().requires_grad_(requires_grad)
 
 
+def _buffers(
+    encoders: Sequence[Callable[..., Any] | None], modules: nn.Module | Sequence[nn.Module]
+) -> list[Tensor]:
+    """The buffers of `modules` and of each encoder that is a module or a module's bound method."""
+    found = [modules] if isinstance(modules, nn.Module) else list(modules)
+    for encoder in encoders:
+        owner = getattr(encoder, "__self__", encoder)  # model.encode_image -> model
+        if isinstance(owner, nn.Module):
+            found.append(owner)
+    return list({id(b): b for m in found for b in m.buffers()}.values())
+
+
+@contextlib.contextmanager
+def _undone(buffers: Sequence[Tensor]) -> Iterator[None]:
+    """Put `buffers` back as they were on entry, for a forward that the re-run will repeat."""
+    saved = [b.clone() for b in buffers]
+    yield
+    for b, old in zip(buffers, saved, strict=True):
+        b.copy_(old)
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    if isinstance(x, (tuple, list)):
+        return f"a {type(x).__name__} of {len(x)} items"
+    return f"a {type(x).__name__}"
+
+
+def _checked_embeddings(emb: Any, name: str, rows: int) -> Embeddings:
+    if not isinstance(emb, Tensor) or not emb.is_floating_point():
+        raise TypeError(
+            f"{name} must return a floating-point tensor [{rows}, d], got {_describe(emb)}"
+        )
+    if emb.ndim != 2 or emb.shape[0] != rows:
+        raise ValueError(
+            f"{name} must return a tensor [{rows}, d] for a micro-batch of {rows} samples, "
+            f"got {_describe(emb)}"
+        )
+    return emb
+
+
+def _checked_loss(loss: Any) -> Tensor:
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"loss_fn must return a scalar tensor, got {_describe(loss)}")
+    if loss.numel() != 1:  # what backward() accepts without an explicit gradient
+        raise ValueError(f"loss_fn must return a scalar tensor, got {_describe(loss)}")
+    return loss
+
+
+def _backward(pairs: Sequence[tuple[Tensor, Tensor | None]]) -> None:
+    """Back-propagate each gradient into its tensor; a None gradient (a side the loss does not use)
+    is skipped, so that encoder's `.grad` stays None, as after a plain step."""
+    live = [(t, g) for t, g in pairs if g is not None]
+    if live:
+        torch.autograd.backward([t for t, _ in live], [g for _, g in live])
+
+
 def grad_cache_step(
     encode_a: Encoder | PairEncoder,
     encode_b: Encoder | None,
@@ -145,6 +206,7 @@ def grad_cache_step(
     mode: Literal["cache", "accumulate"] = "cache",
     no_sync: NoSync | Sequence[NoSync] | None = None,
     frozen_a: bool = False,
+    modules: nn.Module | Sequence[nn.Module] = (),
 ) -> Tensor:
     """Accumulate into `.grad` the gradients of `loss_fn(encode_a(batch_a), encode_b(batch_b))`.
 
@@ -156,7 +218,8 @@ def grad_cache_step(
 
     (micro-batch `i` of both sides encoded in turn, a then b, with the RNG as it comes), but holds
     the encoders' activations for one micro-batch at a time. Gradients are added to `.grad` as
-    `backward()` does, so zero them before the step; the RNG is left as the plain step leaves it.
+    `backward()` does, so zero them before the step; the RNG and the buffers of `modules` are left
+    as the plain step leaves them.
 
     Args:
         encode_a: micro-batch of `batch_a` -> embeddings `[b, d]` (e.g. `model.encode_image`
@@ -179,13 +242,24 @@ def grad_cache_step(
             `ddp_model.no_sync`, so DDP all-reduces once per step. One or a sequence.
         frozen_a: side a has no trainable parameters (a locked image tower, LiT): its
             embeddings are computed once, without grad, and (with two encoders) never re-run.
+        modules: the modules whose buffers the encoders update in place (BatchNorm's running
+            statistics), e.g. the model; an encoder that is a module, or a module's bound method
+            (`model.encode_image`), counts without being named. Each first-pass forward that
+            the re-run repeats is undone on them (one copy of the buffers at a time), so each
+            update happens once, in the re-run, as in the plain step; with `frozen_a` and two
+            encoders, side a is not re-run and keeps its first-pass updates. This is exact for
+            buffers that the forward updates but does not read, as BatchNorm's in training; the
+            buffers of modules left out are updated twice per micro-batch.
 
     Returns:
         The loss, detached.
 
     Raises:
         ValueError: when the global batch is not a multiple of `micro_batch_size`, the two
-            batches differ in size, or `mode` is unknown.
+            batches differ in size, `mode` is unknown, an encoder's embeddings are not 2-D
+            with one row per sample, or the loss is not a scalar.
+        TypeError: when an encoder returns something other than a floating-point tensor (a
+            pair of them when `encode_b` is None), or `loss_fn` something other than a tensor.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -203,6 +277,7 @@ def grad_cache_step(
     else:
         factories = tuple(no_sync)
     n_micro = len(micro_a)
+    buffers = _buffers([encode_a, encode_b], modules)
 
     # Each side's RNG state is kept, not only the micro-batch's: with `frozen_a` the re-run skips
     # encode_a, and encode_b must still see the state it saw in the first pass.
@@ -214,12 +289,22 @@ def grad_cache_step(
         for a, b in zip(micro_a, micro_b, strict=True):
             state_a = _RngState()
             if joint:
-                ea, eb = encode_a((a, b))
+                with _undone(buffers):
+                    pair = encode_a((a, b))
+                if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                    raise TypeError(
+                        f"encode_a must return a pair (emb_a, emb_b) when encode_b is None, "
+                        f"got {_describe(pair)}"
+                    )
+                ea = _checked_embeddings(pair[0], "encode_a(...)[0]", micro_batch_size)
+                eb = _checked_embeddings(pair[1], "encode_a(...)[1]", micro_batch_size)
                 state_b = state_a
             else:
-                ea = encode_a(a)
+                with _undone([] if frozen_a else buffers):  # a frozen side a is not re-run
+                    ea = _checked_embeddings(encode_a(a), "encode_a", micro_batch_size)
                 state_b = _RngState()
-                eb = encode_b(b)
+                with _undone(buffers):
+                    eb = _checked_embeddings(encode_b(b), "encode_b", micro_batch_size)
             cached_a.append(ea.detach())
             cached_b.append(eb.detach())
             states.append((state_a, state_b))
@@ -242,27 +327,25 @@ def grad_cache_step(
     if mode == "cache":
         emb_a = _detached_leaf(cached_a, not frozen_a)
         emb_b = _detached_leaf(cached_b, True)
-        loss = loss_fn(emb_a, emb_b)
+        loss = _checked_loss(loss_fn(emb_a, emb_b))
         leaves = [emb_b] if frozen_a else [emb_a, emb_b]
         others = _other_leaves(loss, leaves)
-        grads = torch.autograd.grad(loss, leaves + others, allow_unused=True)
-        g_b = grads[len(leaves) - 1].split(micro_batch_size)
-        g_a = None if frozen_a else grads[0].split(micro_batch_size)
-        g_others = [(t, g) for t, g in zip(others, grads[len(leaves):], strict=True) if g is not None]
+        grads = list(torch.autograd.grad(loss, leaves + others, allow_unused=True))
+        g_a = None if frozen_a else grads.pop(0)
+        g_b = grads.pop(0)
+        g_others = list(zip(others, grads, strict=True))
         loss_value = loss.detach()
         del emb_a, emb_b, loss, grads
+
+        def rows(g: Tensor | None, i: int) -> Tensor | None:
+            return None if g is None else g[i * micro_batch_size : (i + 1) * micro_batch_size]
+
         for i in range(n_micro):
             last = i == n_micro - 1
             with _maybe_no_sync(factories, not last):
                 ea, eb = encode_live(i)
-                outs, grads_i = [eb], [g_b[i]]
-                if g_a is not None:
-                    outs.append(ea)
-                    grads_i.append(g_a[i])
-                if last:  # the scale's gradient joins the synchronised backward
-                    outs += [t for t, _ in g_others]
-                    grads_i += [g for _, g in g_others]
-                torch.autograd.backward(outs, grads_i)
+                pairs = [(ea, rows(g_a, i)), (eb, rows(g_b, i))]
+                _backward(pairs + g_others if last else pairs)  # the scale's joins the synced one
         after.restore()
         return loss_value
 
@@ -273,13 +356,13 @@ def grad_cache_step(
             ea, eb = encode_live(i)
             full_a = torch.cat(cached_a[:i] + [ea] + cached_a[i + 1 :])
             full_b = torch.cat(cached_b[:i] + [eb] + cached_b[i + 1 :])
-            loss_i = loss_fn(full_a, full_b)
+            loss_i = _checked_loss(loss_fn(full_a, full_b))
             if last:
                 loss_i.backward()  # the scale's gradient, once, with the last micro-batch's
             else:
                 live = [eb] if frozen_a else [ea, eb]
-                live_grads = torch.autograd.grad(loss_i, live)
-                torch.autograd.backward(live, list(live_grads))
+                live_grads = torch.autograd.grad(loss_i, live, allow_unused=True)
+                _backward(list(zip(live, live_grads, strict=True)))
     after.restore()
     assert loss_i is not None
     return loss_i.detach()

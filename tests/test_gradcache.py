@@ -2,7 +2,8 @@
 
 Both modes, both losses, dropout in both encoders and a learnable logit scale, in float64. The
 plain step encodes micro-batch i of both sides in turn (a then b) from the same seed, so it draws
-the same dropout masks; without dropout it is literally one forward of the whole batch.
+the same dropout masks; without dropout it is literally one forward of the whole batch. With
+BatchNorm, the buffers it leaves must be left too, bit for bit.
 """
 
 from __future__ import annotations
@@ -22,35 +23,44 @@ LOSSES = {"chunked": infcl.chunked_loss, "naive": infcl.naive_loss}
 
 
 class Tower(nn.Module):
-    def __init__(self, d_in: int, p: float) -> None:
+    def __init__(self, d_in: int, p: float, bn: bool) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(d_in, 16), nn.GELU(), nn.Dropout(p), nn.Linear(16, D))
+        # BatchNorm after dropout: its running statistics depend on the masks too.
+        norm = [nn.BatchNorm1d(16)] if bn else []
+        self.net = nn.Sequential(
+            nn.Linear(d_in, 16), nn.GELU(), nn.Dropout(p), *norm, nn.Linear(16, D)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.normalize(self.net(x), dim=-1)
 
 
 class Clip(nn.Module):
-    def __init__(self, p: float) -> None:
+    def __init__(self, p: float, bn: bool) -> None:
         super().__init__()
-        self.image = Tower(D_IN, p)
-        self.text = Tower(D_TXT, p)
+        self.image = Tower(D_IN, p, bn)
+        self.text = Tower(D_TXT, p, bn)
         self.logit_scale = nn.Parameter(torch.tensor(2.0))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.image(x), self.text(t)
 
 
-def make(p: float, seed: int = 0) -> tuple[Clip, torch.Tensor, torch.Tensor]:
+def make(p: float, seed: int = 0, *, bn: bool = False) -> tuple[Clip, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = Clip(p).double().train()
+    model = Clip(p, bn).double().train()
     x = torch.randn(B, D_IN, generator=g, dtype=torch.float64)
     t = torch.randn(B, D_TXT, generator=g, dtype=torch.float64)
     return model, x, t
 
 
 def loss_of(model: Clip, name: str):
+    """A contrastive loss of LOSSES, or "a only" / "b only": a loss that ignores the other side."""
+    if name == "a only":
+        return lambda a, b: (a**3).sum()
+    if name == "b only":
+        return lambda a, b: (b**3).sum()
     fn = LOSSES[name]
     return lambda a, b: fn(a, b, model.logit_scale.exp(), symmetric=True)
 
@@ -59,8 +69,13 @@ def grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def reference(p: float, name: str, *, whole: bool, frozen_a: bool = False):
-    model, x, t = make(p)
+def outcome(loss: torch.Tensor, model: nn.Module):
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    return loss.detach(), grads(model), buffers, torch.get_rng_state()
+
+
+def reference(p: float, name: str, *, whole: bool, frozen_a: bool = False, bn: bool = False):
+    model, x, t = make(p, bn=bn)
     if frozen_a:
         model.image.requires_grad_(False)
     torch.manual_seed(1)
@@ -71,7 +86,7 @@ def reference(p: float, name: str, *, whole: bool, frozen_a: bool = False):
         ea, eb = torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
     loss = loss_of(model, name)(ea, eb)
     loss.backward()
-    return loss.detach(), grads(model), torch.get_rng_state()
+    return outcome(loss, model)
 
 
 def cached(p: float, name: str, mode: str, *, frozen_a: bool = False, **kw):
@@ -83,16 +98,18 @@ def cached(p: float, name: str, mode: str, *, frozen_a: bool = False, **kw):
         model.image, model.text, x, t, loss_of(model, name),
         micro_batch_size=MICRO, mode=mode, frozen_a=frozen_a, **kw,
     )
-    return loss, grads(model), torch.get_rng_state()
+    return outcome(loss, model)
 
 
 def assert_same(got, want) -> None:
-    loss, g, rng = got
-    loss_ref, g_ref, rng_ref = want
+    loss, g, buffers, rng = got
+    loss_ref, g_ref, buffers_ref, rng_ref = want
     torch.testing.assert_close(loss, loss_ref, atol=ATOL, rtol=0)
     assert g.keys() == g_ref.keys()
     for n in g_ref:
         torch.testing.assert_close(g[n], g_ref[n], atol=ATOL, rtol=0, msg=f"grad of {n}")
+    for n in buffers_ref:
+        assert torch.equal(buffers[n], buffers_ref[n]), f"buffer {n}"
     assert torch.equal(rng, rng_ref), "the RNG must be left as the plain step leaves it"
 
 
@@ -114,6 +131,46 @@ def test_frozen_image_tower(mode: str) -> None:
     want = reference(0.3, "chunked", whole=False, frozen_a=True)
     assert not any(n.startswith("image.") for n in want[1])
     assert_same(cached(0.3, "chunked", mode, frozen_a=True), want)
+
+
+@pytest.mark.parametrize("mode", ["cache", "accumulate"])
+@pytest.mark.parametrize("frozen_a", [False, True])
+@pytest.mark.parametrize("encoders", ["modules", "bound methods", "pair", "named"])
+def test_batchnorm_buffers_equal_plain_step(mode: str, frozen_a: bool, encoders: str) -> None:
+    """Running statistics are updated once per micro-batch, as in the plain step, not also by the
+    no-grad first pass; a frozen tower in train mode keeps its first pass's update."""
+    want = reference(0.3, "chunked", whole=False, frozen_a=frozen_a, bn=True)
+    assert want[2]["image.net.3.num_batches_tracked"] == B // MICRO  # once per micro-batch
+    model, x, t = make(0.3, bn=True)
+    if frozen_a:
+        model.image.requires_grad_(False)
+    kw = {}
+    if encoders == "modules":
+        encode_a, encode_b = model.image, model.text
+    elif encoders == "bound methods":
+        encode_a, encode_b = model.image.forward, model.text.forward
+    elif encoders == "pair":  # closures hide their modules: `modules=` names them
+        encode_a, encode_b = (lambda ab: model(*ab)), None
+        kw["modules"] = model
+    else:
+        encode_a, encode_b = (lambda a: model.image(a)), (lambda b: model.text(b))
+        kw["modules"] = [model.image, model.text]
+    torch.manual_seed(1)
+    loss = grad_cache_step(
+        encode_a, encode_b, x, t, loss_of(model, "chunked"),
+        micro_batch_size=MICRO, mode=mode, frozen_a=frozen_a, **kw,
+    )
+    assert_same(outcome(loss, model), want)
+
+
+@pytest.mark.parametrize("mode", ["cache", "accumulate"])
+@pytest.mark.parametrize("side", ["a", "b"])
+def test_loss_of_one_side(mode: str, side: str) -> None:
+    """The unused encoder gets no gradient (None, as after the plain step); the other its own."""
+    want = reference(0.3, f"{side} only", whole=False)
+    unused = "text." if side == "a" else "image."
+    assert want[1] and not any(n.startswith(unused) for n in want[1])
+    assert_same(cached(0.3, f"{side} only", mode), want)
 
 
 def test_dropout_really_differs_between_micro_batches() -> None:
@@ -181,6 +238,54 @@ def test_bad_input() -> None:
         split_batch("abc", 1)
 
 
+def _rows(k: int):
+    return lambda m: m[:k]
+
+
+BAD_ENCODER_B = {
+    "tuple": (lambda m: (m, m), TypeError, r"encode_b must return .* got a tuple of 2 items"),
+    "integer": (lambda m: m.long(), TypeError, r"encode_b .* got a torch.int64 tensor of shape"),
+    "rows": (_rows(3), ValueError, r"encode_b .* micro-batch of 4 samples, got .* shape \(3, 6\)"),
+    "1-D": (lambda m: m[:, 0], ValueError, r"encode_b .* \[4, d\] .* got .* shape \(4,\)"),
+    "3-D": (lambda m: m[:, None], ValueError, r"encode_b .* got .* shape \(4, 1, 6\)"),
+}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_ENCODER_B))
+def test_bad_encoder_output(bad: str) -> None:
+    model, x, t = make(0.0)
+    wrap, error, message = BAD_ENCODER_B[bad]
+    with pytest.raises(error, match=message):
+        grad_cache_step(
+            model.image, lambda b: wrap(model.text(b)), x, t, loss_of(model, "naive"),
+            micro_batch_size=MICRO,
+        )
+
+
+def test_bad_pair_encoder_output() -> None:
+    model, x, t = make(0.0)
+    fn = loss_of(model, "naive")
+    with pytest.raises(TypeError, match=r"encode_a must return a pair .* got a torch.float64"):
+        grad_cache_step(lambda ab: model.image(ab[0]), None, x, t, fn, micro_batch_size=MICRO)
+    with pytest.raises(ValueError, match=r"encode_a\(\.\.\.\)\[1\] .* got .* shape \(2, 6\)"):
+        grad_cache_step(
+            lambda ab: (model.image(ab[0]), model.text(ab[1])[:2]), None, x, t, fn,
+            micro_batch_size=MICRO,
+        )
+
+
+@pytest.mark.parametrize("mode", ["cache", "accumulate"])
+def test_bad_loss_output(mode: str) -> None:
+    model, x, t = make(0.0)
+    step = lambda fn: grad_cache_step(  # noqa: E731
+        model.image, model.text, x, t, fn, micro_batch_size=MICRO, mode=mode,
+    )
+    with pytest.raises(TypeError, match="loss_fn must return a scalar tensor, got a float"):
+        step(lambda a, b: 1.0)
+    with pytest.raises(ValueError, match=r"loss_fn .* got a torch.float64 tensor of shape \(12,\)"):
+        step(lambda a, b: (a * b).sum(-1))
+
+
 @pytest.mark.parametrize("mode", ["cache", "accumulate"])
 @pytest.mark.parametrize("frozen_a", [False, True])
 def test_pair_encoder(mode: str, frozen_a: bool) -> None:
@@ -194,7 +299,7 @@ def test_pair_encoder(mode: str, frozen_a: bool) -> None:
         lambda ab: (model.image(ab[0]), model.text(ab[1])), None, x, t, loss_of(model, "chunked"),
         micro_batch_size=MICRO, mode=mode, frozen_a=frozen_a,
     )
-    assert_same((loss, grads(model), torch.get_rng_state()), want)
+    assert_same(outcome(loss, model), want)
 
 
 def _ddp_rank(rank: int, world: int, init_file: str, out: str) -> None:
@@ -233,7 +338,7 @@ def test_ddp_two_ranks_equal_plain_step(tmp_path) -> None:
     world = 2
     out = str(tmp_path / "grads.pt")
     mp.spawn(_ddp_rank, args=(world, str(tmp_path / "init"), out), nprocs=world)
-    _, want, _ = reference(0.0, "naive", whole=True)
+    want = reference(0.0, "naive", whole=True)[1]
     for mode, got in torch.load(out, weights_only=True).items():
         assert got.keys() == want.keys(), mode
         for n in want:
