@@ -6,7 +6,7 @@ SHELL := bash
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
-LINT_PATHS := $(wildcard infcl tests examples docs/*.py)
+LINT_PATHS := $(wildcard infcl tests examples benchmarks docs/*.py)
 
 .PHONY: install demo demo-loss test lint pytest interpret docs
 

@@ -1,7 +1,11 @@
-"""The contract every loss shares: its docstring, its argument checks and the loss assembly.
+"""The contract every loss shares: its docstring and its argument checks, eager and compiled.
 
-Each loss computes three per-row / per-column pieces (row log-sum-exp, column log-sum-exp and the
-positive logit) however it likes; `assemble` turns them into the loss the same way for all of them.
+`contract` wraps each public loss. It looks for the first argument the contract rejects and
+raises its TypeError / ValueError. The checks read only static facts (types, shapes, dtypes,
+options), so under `torch.compile` they run while Dynamo traces; a rejected call then compiles
+to one `infcl::reject` op that raises the very same error when the graph runs (Dynamo cannot
+raise from a `fullgraph=True` trace). Across ranks a rejected call first tells every peer why,
+so no rank waits in a collective for one that has already failed.
 """
 
 from __future__ import annotations
@@ -10,14 +14,19 @@ import functools
 import inspect
 import textwrap
 from collections.abc import Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from infcl._typing import typechecked
+from infcl.dist.ring import share_status
+from infcl.kernels.numerics import FLOAT_DTYPES
+
 REDUCTIONS = ("mean", "sum", "none")
+PRECISIONS = ("tf32", "ieee")
 
 SPEC_DOC = """
     Computes the contrastive (InfoNCE / CLIP) loss on `S = scale * q @ k.T` with float32
@@ -36,11 +45,11 @@ SPEC_DOC = """
         q: `[M, D]` rows (e.g. image embeddings); float16, bfloat16, float32 or float64.
             The loss does not normalise them.
         k: `[N, D]` columns (e.g. text embeddings), same dtype and device as `q`.
-        scale: Python number or 0-dim tensor (e.g. `logit_scale.exp()`); it may require grad,
-            and its gradient is returned.
-        labels: int tensor `[M]` of column indices, or None for the diagonal (then M == N).
-            Rows whose label equals `ignore_index` contribute nothing and leave the mean's count
-            (with labels None no row is ignored).
+        scale: Python number or 0-dim floating tensor (e.g. `logit_scale.exp()`); it may
+            require grad, and its gradient is returned.
+        labels: tensor `[M]` of any integer dtype holding column indices, or None for the
+            diagonal (then M == N). Rows whose label equals `ignore_index` contribute nothing
+            and leave the mean's count (with labels None no row is ignored).
         symmetric: the two-directional CLIP loss; needs M == N and `labels=None`.
         reduction: `"mean"` (default), `"sum"` or `"none"` (a vector of per-row losses).
         ignore_index: the label value that marks a row to skip.
@@ -51,8 +60,11 @@ SPEC_DOC = """
 
     Raises:
         TypeError: for an argument of the wrong type or dtype.
-        ValueError: for shapes that do not fit, unknown options, labels out of range (checked
-            outside `torch.compile`) or an empty batch.
+        ValueError: for shapes that do not fit, unknown options, an empty batch, or labels
+            outside `[0, N)` that are not `ignore_index`. The same errors, with the same
+            messages, come from a `torch.compile`d call (raised when the compiled code runs;
+            the label range is checked on the labels' values, which costs one device sync
+            when labels are given).
 """
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -66,176 +78,219 @@ def describe(fn: F, *, extra: str) -> F:
     return fn
 
 
-def _tensor_desc(x: Tensor) -> str:
-    return f"shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
+Part = str | int | tuple[int, ...]
 
 
-def validate(
-    q: Any,
-    k: Any,
-    scale: Any,
-    labels: Any,
-    symmetric: Any,
-    reduction: Any,
-    ignore_index: Any,
-    *,
-    allow_empty: bool = False,
-    check_label_range: bool = True,
-    shard: bool = False,
-) -> None:
-    """Raise a clear TypeError/ValueError for every input the contract rejects.
+@dataclass(frozen=True)
+class Problem:
+    """A rejected argument: the error type and the message, kept as parts (text, ints, shapes).
 
-    `shard=True` checks one rank's shard of a distributed call: empty shards are allowed, and the
-    rules that concern the global batch (diagonal shapes, label range) are left to the ring,
-    which checks them on every rank at once.
+    Dynamo can carry strings and integers into an op but cannot turn an integer into text, so
+    the message is joined only when the error is raised, in eager code.
     """
-    if shard:
-        allow_empty, check_label_range = True, False
-    for name, x in (("q", q), ("k", k)):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.ndim != 2:
-            raise ValueError(f"{name} must be 2-D [rows, D], got {_tensor_desc(x)}")
-        if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(
-                f"{name} must be float16, bfloat16, float32 or float64, got {_tensor_desc(x)}"
-            )
-    if q.dtype != k.dtype:
-        raise TypeError(f"q and k must share a dtype: q {_tensor_desc(q)}; k {_tensor_desc(k)}")
-    if q.device != k.device:
-        raise ValueError(f"q and k must share a device: q {_tensor_desc(q)}; k {_tensor_desc(k)}")
-    if q.shape[1] != k.shape[1]:
-        raise ValueError(f"q and k must share D: q {_tensor_desc(q)}; k {_tensor_desc(k)}")
-    if not allow_empty and (q.shape[0] == 0 or k.shape[0] == 0):
-        raise ValueError(f"empty batch: q {_tensor_desc(q)}; k {_tensor_desc(k)}")
-    if q.shape[1] == 0:
-        raise ValueError(f"D must be at least 1: q {_tensor_desc(q)}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, Tensor)):
-        raise TypeError(f"scale must be a Python number or a 0-dim tensor, got {type(scale).__name__}")
-    if isinstance(scale, Tensor):
-        if scale.ndim != 0:
-            raise ValueError(f"scale must be a 0-dim tensor, got {_tensor_desc(scale)}")
-        if not scale.dtype.is_floating_point:
-            raise TypeError(f"scale must be a floating tensor, got {_tensor_desc(scale)}")
-    if not isinstance(symmetric, bool):
-        raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    m, n = q.shape[0], k.shape[0]
-    if labels is None:
-        if m != n and not shard:
-            raise ValueError(
-                f"without labels the positives are the diagonal, so q and k need as many rows: "
-                f"q {_tensor_desc(q)}; k {_tensor_desc(k)}"
-            )
-        return
-    if symmetric:
-        raise ValueError("symmetric=True uses the diagonal as positives; pass labels=None")
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"labels must be an integer tensor or None, got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {_tensor_desc(labels)}")
-    if labels.shape != (m,):
-        raise ValueError(f"labels must have shape ({m},) to match q, got {_tensor_desc(labels)}")
-    if labels.device != q.device:
-        raise ValueError(f"labels must be on q's device {q.device}, got {_tensor_desc(labels)}")
-    if check_label_range and m > 0 and not torch.compiler.is_compiling():
-        bad = ((labels < 0) | (labels >= n)) & (labels != ignore_index)
-        if bool(bad.any()):
-            first = labels[bad][:5].tolist()
-            raise ValueError(
-                f"labels must lie in [0, {n}) or equal ignore_index={ignore_index}; got {first}"
-            )
+
+    kind: type[Exception]
+    parts: tuple[Part, ...]
+
+    def raise_(self, group_name: str = "") -> Tensor:
+        """Raise the error (after telling the group's peers, if any); under compile, return the
+        op that raises it when the compiled graph runs."""
+        texts, nums, layout = _flatten(self.parts)
+        if torch.compiler.is_compiling():
+            return torch.ops.infcl.reject(self.kind.__name__, texts, nums, layout, group_name)
+        _raise(self.kind.__name__, texts, nums, layout, group_name)
 
 
-def checked(fn: F) -> F:
-    """Validate the shared arguments (skipped while compiling), then run `fn`."""
-    sig = inspect.signature(fn)
+_SEP = "\x1f"  # ASCII unit separator: op schemas take one str, not a list of them
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        if not torch.compiler.is_compiling():
-            bound = sig.bind(*args, **kwargs)
-            bound.apply_defaults()
-            a = bound.arguments
-            validate(
-                a["q"], a["k"], a["scale"], a["labels"], a["symmetric"], a["reduction"],
-                a["ignore_index"], shard="group" in a and group_size(a["group"]) > 1,
-            )
-            if "chunk_size" in a:
-                cs = a["chunk_size"]
-                if cs is not None and (isinstance(cs, bool) or not isinstance(cs, int) or cs < 1):
-                    raise ValueError(f"chunk_size must be None or an int >= 1, got {cs!r}")
-        return fn(*args, **kwargs)
 
-    return wrapper  # type: ignore[return-value]
+def _flatten(parts: tuple[Part, ...]) -> tuple[str, list[int], list[int]]:
+    """Parts as op arguments: the texts joined by `_SEP`, all integers in order, and per part
+    -1 (text), -2 (an int) or the length of a shape."""
+    texts, nums, layout = [], [], []
+    for part in parts:
+        if isinstance(part, str):
+            texts.append(part)
+            layout.append(-1)
+        elif isinstance(part, tuple):
+            nums.extend(part)
+            layout.append(len(part))
+        else:
+            nums.append(part)
+            layout.append(-2)
+    return _SEP.join(texts), nums, layout
+
+
+def _join(texts: str, nums: list[int], layout: list[int]) -> str:
+    out, t, n = [], iter(texts.split(_SEP)), 0
+    for width in layout:
+        if width == -1:
+            out.append(next(t))
+        elif width == -2:
+            out.append(str(nums[n]))
+            n += 1
+        else:
+            out.append(str(tuple(nums[n : n + width])))
+            n += width
+    return "".join(out)
+
+
+_KINDS = {"TypeError": TypeError, "ValueError": ValueError}
+
+
+def _raise(kind: str, texts: str, nums: list[int], layout: list[int], group_name: str) -> NoReturn:
+    """Raise `kind(message)`; across a group (`group_name` not empty) every rank learns of it."""
+    message = _join(texts, nums, layout)
+    if group_name:
+        share_status(group_name, message)
+    raise _KINDS[kind](message)
+
+
+@torch.library.custom_op("infcl::reject", mutates_args=())
+def reject(kind: str, texts: str, nums: list[int], layout: list[int], group_name: str) -> Tensor:
+    """The compiled form of a rejected call: raises when the graph runs (see `Problem`)."""
+    _raise(kind, texts, nums, layout, group_name)
+
+
+@reject.register_fake
+def reject_fake(kind, texts, nums, layout, group_name):
+    return torch.empty((), dtype=torch.float32)
+
+
+def _desc(x: Tensor) -> tuple[Part, ...]:
+    return ("shape ", tuple(x.shape), ", dtype " + str(x.dtype) + ", device " + str(x.device))
+
+
+def _type_name(x: Any) -> str:
+    return type(x).__name__
+
+
+def _show(x: Any) -> Part:
+    """A value in a message: strings quoted, ints as numbers, anything else by its type."""
+    if isinstance(x, str):
+        return "'" + x + "'"
+    if isinstance(x, bool) or x is None:
+        return "True" if x is True else "False" if x is False else "None"
+    if isinstance(x, int):
+        return x
+    return "a " + _type_name(x)
 
 
 def group_size(group: Any) -> int:
-    """Ranks in `group` (None: the default group, or 1 when no process group is initialised)."""
-    if group is None and not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(group)
+    """Ranks in `group`; None means this process alone."""
+    return 1 if group is None else dist.get_world_size(group)
 
 
-LSE_DTYPE = torch.float64
-"""Every op returns its log-sum-exp statistics in float64, whatever the input dtype: `max + log(sum)`
-formed from the fp32 pieces without rounding, so the backward's `exp(S - lse)` and the loss's
-`lse - S[i, y_i]` lose no digits to the size of the logits (naive's `S - max` is exact too).
-The cost is O(M + N) doubles."""
+def find_problem(
+    q: Any,
+    k: Any,
+    scale: Any = 1.0,
+    *,
+    labels: Any = None,
+    symmetric: Any = False,
+    reduction: Any = "mean",
+    ignore_index: Any = -100,
+    chunk_size: Any = None,
+    group: Any = None,
+    precision: Any = "tf32",
+) -> Problem | None:
+    """The first argument of a loss call that the contract rejects, or None.
 
-
-def split_lse(lse: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """`lse` as `hi + lo` in `dtype`: `(S - hi) - lo` is then accurate where `S - lse` matters."""
-    hi = lse.to(dtype)
-    return hi, (lse - hi.to(lse.dtype)).to(dtype)
-
-
-def acc_dtype(x: Tensor) -> torch.dtype:
-    """Logits and statistics are float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def scale_tensor(scale: float | Tensor, like: Tensor) -> Tensor:
-    """The scale as a 0-dim tensor on `like`'s device (differentiable when it is a tensor)."""
-    if isinstance(scale, Tensor):
-        return scale.to(like.device)
-    return torch.tensor(float(scale), dtype=acc_dtype(like), device=like.device)
-
-
-def target_columns(labels: Tensor | None, m: int, device: torch.device) -> Tensor:
-    """Positive column of every row: the labels, or the diagonal."""
-    if labels is None:
-        return torch.arange(m, device=device)
-    return labels.long()
-
-
-def assemble(
-    row_lse: Tensor,
-    col_lse: Tensor,
-    pos: Tensor,
-    valid: Tensor | None,
-    symmetric: bool,
-    reduction: str,
-) -> Tensor:
-    """Turn the pieces into the loss; autograd carries the gradients back to the pieces.
-
-    `valid` marks the rows that count (None: all). `col_lse` is used only when symmetric. The
-    LSEs are float64 (`LSE_DTYPE`); the loss comes out in the dtype of `pos`.
+    With a group of more than one rank, `q`, `k` and `labels` are this rank's shard: empty
+    shards are allowed, and the rules about the global batch (diagonal shapes, label range) are
+    left to the ring, which checks them on every rank at once.
     """
+    if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        return Problem(TypeError, ("group must be None or a torch.distributed.ProcessGroup, got ",
+                                   _show(group)))
+    shard = group_size(group) > 1
+    for name, x in (("q", q), ("k", k)):
+        if not isinstance(x, Tensor):
+            return Problem(TypeError, (name + " must be a torch.Tensor, got " + _type_name(x),))
+        if x.ndim != 2:
+            return Problem(ValueError, (name + " must be 2-D [rows, D], got ", *_desc(x)))
+        if x.dtype not in FLOAT_DTYPES:
+            return Problem(
+                TypeError, (name + " must be float16, bfloat16, float32 or float64, got ", *_desc(x))
+            )
+    if q.dtype != k.dtype:
+        return Problem(TypeError, ("q and k must share a dtype: q ", *_desc(q), "; k ", *_desc(k)))
+    if q.device != k.device:
+        return Problem(ValueError, ("q and k must share a device: q ", *_desc(q), "; k ", *_desc(k)))
+    if q.shape[1] != k.shape[1]:
+        return Problem(ValueError, ("q and k must share D: q ", *_desc(q), "; k ", *_desc(k)))
+    if not shard and (q.shape[0] == 0 or k.shape[0] == 0):
+        return Problem(ValueError, ("empty batch: q ", *_desc(q), "; k ", *_desc(k)))
+    if q.shape[1] == 0:
+        return Problem(ValueError, ("D must be at least 1: q ", *_desc(q)))
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, Tensor)):
+        return Problem(
+            TypeError, ("scale must be a Python number or a 0-dim tensor, got " + _type_name(scale),)
+        )
+    if isinstance(scale, Tensor):
+        if scale.ndim != 0:
+            return Problem(ValueError, ("scale must be a 0-dim tensor, got ", *_desc(scale)))
+        if not scale.dtype.is_floating_point:
+            return Problem(TypeError, ("scale must be a floating tensor, got ", *_desc(scale)))
+    if not isinstance(symmetric, bool):
+        return Problem(TypeError, ("symmetric must be a bool, got " + _type_name(symmetric),))
+    if not isinstance(reduction, str):
+        return Problem(TypeError, ("reduction must be a str, got " + _type_name(reduction),))
+    if reduction not in REDUCTIONS:
+        return Problem(
+            ValueError, ("reduction must be one of 'mean', 'sum', 'none', got ", _show(reduction))
+        )
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        return Problem(TypeError, ("ignore_index must be an int, got " + _type_name(ignore_index),))
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            return Problem(
+                TypeError, ("chunk_size must be None or an int, got ", _show(chunk_size))
+            )
+        if chunk_size < 1:
+            return Problem(ValueError, ("chunk_size must be at least 1, got ", chunk_size))
+    if not isinstance(precision, str):
+        return Problem(TypeError, ("precision must be a str, got " + _type_name(precision),))
+    if precision not in PRECISIONS:
+        return Problem(ValueError, ("precision must be one of 'tf32', 'ieee', got ", _show(precision)))
+    m, n = q.shape[0], k.shape[0]
+    if labels is None:
+        if m != n and not shard:
+            return Problem(ValueError, (
+                "without labels the positives are the diagonal, so q and k need as many rows: q ",
+                *_desc(q), "; k ", *_desc(k),
+            ))
+        return None
     if symmetric:
-        per = (0.5 * ((row_lse - pos) + (col_lse - pos))).to(pos.dtype)
-    else:
-        per = (row_lse - pos).to(pos.dtype)
-        if valid is not None:
-            per = torch.where(valid, per, torch.zeros_like(per))
-    if reduction == "none":
-        return per
-    total = per.sum()
-    if reduction == "sum":
-        return total
-    if valid is None or symmetric:
-        return total / per.shape[0]
-    return total / valid.sum()
+        return Problem(ValueError, ("symmetric=True uses the diagonal as positives; pass labels=None",))
+    if not isinstance(labels, Tensor):
+        return Problem(
+            TypeError, ("labels must be an integer tensor or None, got " + _type_name(labels),)
+        )
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        return Problem(TypeError, ("labels must be an integer tensor, got ", *_desc(labels)))
+    if labels.ndim != 1 or labels.shape[0] != m:
+        return Problem(ValueError, (
+            "labels must have shape ", (m,), " to match q, got ", *_desc(labels),
+        ))
+    if labels.device != q.device:
+        return Problem(ValueError, (
+            "labels must be on q's device " + str(q.device) + ", got ", *_desc(labels),
+        ))
+    return None
+
+
+def contract(fn: F) -> F:
+    """The public loss `fn`: the contract's checks first, then beartype (eager only), then `fn`."""
+    typed = typechecked(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        problem = find_problem(*args, **kwargs)
+        if problem is not None:
+            group = kwargs.get("group")
+            shared = isinstance(group, dist.ProcessGroup) and group_size(group) > 1
+            return problem.raise_(group.group_name if shared else "")
+        return typed(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

@@ -9,14 +9,14 @@ from typing import TypeVar, Union
 import torch
 from beartype import beartype
 from beartype.roar import BeartypeCallHintViolation
-from jaxtyping import Float, Int, jaxtyped
+from jaxtyping import Float, Integer, jaxtyped
 from torch import Tensor
 
 __all__ = ["Rows", "Cols", "Labels", "Scale", "Loss", "typechecked"]
 
 Rows = Float[Tensor, "m d"]
 Cols = Float[Tensor, "n d"]
-Labels = Int[Tensor, " m"]
+Labels = Integer[Tensor, " m"]
 Scale = Union[float, int, Float[Tensor, ""]]
 Loss = Float[Tensor, "..."]
 

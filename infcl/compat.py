@@ -6,14 +6,13 @@ differs. `docs/migrating.md` is the user-facing version of these notes.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from infcl._spec import group_size
-from infcl.chunked import chunked_loss
 from infcl.inf import inf_loss
 from infcl.ring import ring_loss
 
@@ -27,6 +26,15 @@ def _process_group() -> tuple[int, int]:
     return 1, 0
 
 
+def _default_group() -> dist.ProcessGroup | None:
+    """The default process group when it has more than one rank (inf_cl's ring), else None."""
+    return dist.group.WORLD if _process_group()[0] > 1 else None
+
+
+_NO_IGNORE = -(1 << 63)
+"""inf_cl has no ignore_index: an int64 value no label can equal once its range is checked."""
+
+
 class ClipLoss(nn.Module):
     """open_clip's `ClipLoss` with the same arguments and value, computed by `infcl.inf_loss`.
 
@@ -35,8 +43,9 @@ class ClipLoss(nn.Module):
     Triton tiles on CUDA, torch tiles on CPU. `logit_scale` is the multiplier itself, already
     exponentiated (open_clip's models return `self.logit_scale.exp()`).
 
-    Across ranks (an initialised default process group of more than one rank) the key shards
-    travel around a ring. The value and gradients on every rank are those of open_clip's
+    With `world_size=1` (open_clip's default) it computes this process's batch alone, even when
+    a process group is initialised. With `world_size > 1` the key shards of the default process
+    group's ranks travel around a ring. The value and gradients on every rank are those of open_clip's
     `ClipLoss(local_loss=True, gather_with_grad=True)`: the loss of this rank's rows against
     the global batch, and feature gradients of the sum of all ranks' losses, so that DDP's
     averaging yields the gradient of the global loss. The scale's gradient is this rank's share
@@ -52,8 +61,8 @@ class ClipLoss(nn.Module):
             rank's features. open_clip's False drops that part of the gradient, which infcl does
             not reproduce, so it is rejected rather than silently changed.
         cache_labels: accepted and ignored (no label tensor is built).
-        rank, world_size: as in open_clip; they must match the default process group (rank 0
-            and world size 1 without one), else `forward` raises ValueError.
+        rank, world_size: as in open_clip. With `world_size > 1` they must match the default
+            process group, else `forward` raises ValueError.
         use_horovod: not supported (True raises ValueError); use torch.distributed.
     """
 
@@ -86,6 +95,8 @@ class ClipLoss(nn.Module):
         self._warned_bias = False
 
     def _check_group(self) -> int:
+        if self.world_size == 1:
+            return 1
         world, rank = _process_group()
         if (self.world_size, self.rank) != (world, rank):
             found = (
@@ -95,16 +106,26 @@ class ClipLoss(nn.Module):
             )
             raise ValueError(
                 f"ClipLoss was built with world_size={self.world_size}, rank={self.rank}, but "
-                f"there is {found}. infcl computes across the default process group; pass its "
-                "world size and rank."
+                f"there is {found}. With world_size > 1 infcl computes across the default "
+                "process group; pass its world size and rank (or world_size=1 for this "
+                "process alone)."
             )
         return world
 
     def _bias_term(self, logit_bias: float | Tensor) -> float | Tensor:
-        """Zero, in the graph of `logit_bias` so that DDP sees it used (its gradient is 0)."""
-        if isinstance(logit_bias, Tensor) and logit_bias.numel() != 1:
+        """Zero (NaN for a NaN bias), in the graph of `logit_bias` so that DDP sees it used (its
+        gradient is 0)."""
+        if isinstance(logit_bias, bool) or not isinstance(logit_bias, (int, float, Tensor)):
+            raise TypeError(
+                f"logit_bias must be None, a number or a one-element tensor, got "
+                f"{type(logit_bias).__name__}"
+            )
+        if isinstance(logit_bias, Tensor) and (
+            logit_bias.numel() != 1 or not logit_bias.dtype.is_floating_point
+        ):
             raise ValueError(
-                f"logit_bias must be a scalar (one element), got shape {tuple(logit_bias.shape)}"
+                f"logit_bias must be a floating scalar (one element), got shape "
+                f"{tuple(logit_bias.shape)}, dtype {logit_bias.dtype}"
             )
         if not self._warned_bias:
             warnings.warn(
@@ -115,7 +136,9 @@ class ClipLoss(nn.Module):
                 stacklevel=3,
             )
             self._warned_bias = True
-        return logit_bias.sum() * 0.0 if isinstance(logit_bias, Tensor) else 0.0
+        return logit_bias.sum() * 0.0 if isinstance(logit_bias, Tensor) else (
+            math.nan if math.isnan(logit_bias) else 0.0
+        )
 
     def forward(
         self,
@@ -126,7 +149,12 @@ class ClipLoss(nn.Module):
         output_dict: bool = False,
     ) -> Tensor | dict[str, Tensor]:
         world = self._check_group()
-        loss = inf_loss(image_features, text_features, logit_scale, symmetric=True)
+        if isinstance(logit_scale, Tensor) and logit_scale.ndim > 0 and logit_scale.numel() == 1:
+            logit_scale = logit_scale.reshape(())  # open_clip takes a one-element tensor too
+        loss = inf_loss(
+            image_features, text_features, logit_scale, symmetric=True,
+            group=dist.group.WORLD if world > 1 else None,
+        )
         if logit_bias is not None:
             loss = loss + self._bias_term(logit_bias)
         if world > 1 and not self.local_loss:
@@ -141,9 +169,21 @@ def _global_mean(local_mean: Tensor, rows: int) -> Tensor:
     return (both[0] / both[1]).to(local_mean.dtype)
 
 
-def _global_labels(q: Tensor, k: Tensor, labels: Tensor | None) -> Tensor:
-    """inf_cl's labels (indices into this rank's keys; None: 0..M-1) as global key indices."""
+def _global_labels(
+    q: Tensor, k: Tensor, labels: Tensor | None, group: dist.ProcessGroup | None
+) -> Tensor:
+    """inf_cl's labels (indices into this rank's keys; None: 0..M-1) as global key indices of
+    `group`'s ranks (None: this process alone)."""
     n = k.shape[0]
+    if labels is not None and not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be an integer tensor or None, got {type(labels).__name__}")
+    if labels is not None and (
+        labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool
+    ):
+        raise TypeError(
+            f"labels must be an integer tensor, got shape {tuple(labels.shape)}, dtype "
+            f"{labels.dtype}"
+        )
     y = torch.arange(q.shape[0], device=q.device) if labels is None else labels.long()
     if not torch.compiler.is_compiling() and bool(((y < 0) | (y >= n)).any()):
         bad = y[(y < 0) | (y >= n)][:5].tolist()
@@ -151,12 +191,11 @@ def _global_labels(q: Tensor, k: Tensor, labels: Tensor | None) -> Tensor:
             f"labels index this rank's keys, so they must lie in [0, {n}); got {bad}"
             + (" (labels=None means 0..M-1, which needs M <= N)" if labels is None else "")
         )
-    world, rank = _process_group()
-    if world == 1:
+    if group is None:
         return y
-    sizes = [torch.zeros(1, dtype=torch.long, device=k.device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([n], dtype=torch.long, device=k.device))
-    return y + int(sum(int(s) for s in sizes[:rank]))
+    sizes = [torch.zeros(1, dtype=torch.long, device=k.device) for _ in range(group.size())]
+    dist.all_gather(sizes, torch.tensor([n], dtype=torch.long, device=k.device), group=group)
+    return y + int(sum(int(s) for s in sizes[: dist.get_rank(group)]))
 
 
 def cal_inf_loss(
@@ -180,8 +219,11 @@ def cal_inf_loss(
     (bf16 and fp16 on the tensor cores), not upcast to fp32 copies.
     """
     del head_dim
-    y = _global_labels(q, k, labels)
-    return inf_loss(q, k, 1.0 if scale is None else scale, labels=y)
+    group = _default_group()
+    y = _global_labels(q, k, labels, group)
+    return inf_loss(
+        q, k, 1.0 if scale is None else scale, labels=y, group=group, ignore_index=_NO_IGNORE
+    )
 
 
 def cal_ring_loss(
@@ -197,8 +239,11 @@ def cal_ring_loss(
     subtracts its maximum, so logits beyond about 88 do not overflow to inf.
     """
     del head_dim
-    y = _global_labels(q, k, labels)
-    return ring_loss(q, k, 1.0 if scale is None else scale, labels=y)
+    group = _default_group()
+    y = _global_labels(q, k, labels, group)
+    return ring_loss(
+        q, k, 1.0 if scale is None else scale, labels=y, group=group, ignore_index=_NO_IGNORE
+    )
 
 
 def cal_flash_loss(
@@ -211,15 +256,10 @@ def cal_flash_loss(
     """inf_cl's `cal_flash_loss`: one device, the per-row losses `[M]` (no reduction).
 
     As in inf_cl it ignores any process group: q's rows against this device's k only, labels
-    into k (None: 0..M-1). `head_dim` is accepted and ignored. Inside a process group of more
-    than one rank it runs `chunked_loss` (torch tiles), since `inf_loss` would join the ring.
+    into k (None: 0..M-1), checked as `cal_inf_loss` checks them. `head_dim` is accepted and
+    ignored.
     """
     del head_dim
-    n = k.shape[0]
-    y = torch.arange(q.shape[0], device=q.device) if labels is None else labels
+    y = _global_labels(q, k, labels, None)
     s = 1.0 if scale is None else scale
-    if labels is None and q.shape[0] > n:
-        raise ValueError(f"labels=None means 0..M-1, which needs M <= N; got M={q.shape[0]}, N={n}")
-    if group_size(None) > 1:
-        return chunked_loss(q, k, s, labels=y, reduction="none")
-    return inf_loss(q, k, s, labels=y, reduction="none")
+    return inf_loss(q, k, s, labels=y, reduction="none", ignore_index=_NO_IGNORE)

@@ -5,43 +5,23 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from infcl._spec import (
-    assemble,
-    checked,
-    describe,
-    group_size,
-    scale_tensor,
-    target_columns,
-)
-from infcl._typing import Cols, Labels, Loss, Rows, Scale, typechecked
-from infcl.chunked import chunked_fwd
-from infcl.dist.ring import register_block, ring_loss_impl
-
-try:
-    from infcl.kernels.configs import INTERPRET
-    from infcl.kernels.lse_bwd import inf_bwd  # noqa: F401  (registers the autograd)
-    from infcl.kernels.lse_fwd import inf_fwd
-
-    HAS_TRITON = True
-    register_block("inf", inf_fwd, inf_bwd, str)
-except ImportError:  # no triton on this platform: CPU tensors still work through torch tiles
-    HAS_TRITON, INTERPRET = False, False
-
-PRECISIONS = ("tf32", "ieee")
+from infcl import ops
+from infcl._spec import contract, describe
+from infcl._typing import Cols, Labels, Loss, Rows, Scale
 
 
-def _use_triton(q: torch.Tensor) -> bool:
+def _block(q: torch.Tensor) -> str:
+    """Triton tiles for CUDA tensors (and CPU ones under the interpreter), else torch tiles."""
     if q.dtype == torch.float64:
-        return False
+        return "chunked"
     if q.is_cuda:
-        if not HAS_TRITON:
+        if not ops.HAS_TRITON:
             raise RuntimeError("inf_loss on CUDA needs triton; install it or use chunked_loss")
-        return True
-    return HAS_TRITON and INTERPRET and q.device.type == "cpu"
+        return "inf"
+    return "inf" if ops.HAS_TRITON and ops.INTERPRET and q.device.type == "cpu" else "chunked"
 
 
-@checked
-@typechecked
+@contract
 def inf_loss(
     q: Rows,
     k: Cols,
@@ -55,22 +35,10 @@ def inf_loss(
     precision: str = "tf32",
 ) -> Loss:
     """Contrastive loss from fused Triton tiles: the fastest exact path, memory linear in B."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if group_size(group) > 1:
-        block = "inf" if _use_triton(q) else "chunked"
-        extra = precision if block == "inf" else "0"
-        return ring_loss_impl(
-            q, k, scale, labels, symmetric, reduction, ignore_index, group, block, extra
-        )
-    s = scale_tensor(scale, q)
-    y = target_columns(labels, q.shape[0], q.device)
-    if _use_triton(q):
-        row, col, pos = inf_fwd(q, k, s, y, 0, symmetric, precision)
-    else:
-        row, col, pos = chunked_fwd(q, k, s, y, 0, symmetric, 0)
-    valid = None if labels is None else labels != ignore_index
-    return assemble(row, col, pos, valid, symmetric, reduction)
+    return ops.loss(
+        q, k, scale, labels, symmetric, reduction, ignore_index, block=_block(q), group=group,
+        precision=precision,
+    )
 
 
 describe(
@@ -85,13 +53,14 @@ describe(
     `TRITON_INTERPRET=1` is set before import, and plain torch tiles otherwise. float64 inputs
     always take the torch tiles.
 
-    Across ranks (a process group of more than one rank): the same contract and gradient
-    convention as `ring_loss` (each rank passes its shard, labels are global, each rank returns
-    the reduction of its own rows), with these kernels at every ring step.
+    Across ranks (`group=` a process group of more than one rank): the same contract, errors
+    and gradient convention as `ring_loss` (each rank passes its shard, labels are global, each
+    rank returns the reduction of its own rows), with these kernels at every ring step.
 
     Args:
-        group: process group for the ring across devices (None: the default group when one is
-            initialised; no group, or a group of one, runs on this device alone).
+        group: process group for the ring across devices, e.g.
+            `torch.distributed.group.WORLD` (None, the default: this device alone, even when
+            a process group is initialised).
         precision: float32 inputs only: `"tf32"` (default, tensor cores, about 1e-3 relative
             error on logits) or `"ieee"` (full fp32 products, several times slower).
     """,

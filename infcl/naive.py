@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from infcl._spec import acc_dtype, checked, describe, scale_tensor
-from infcl._typing import Cols, Labels, Loss, Rows, Scale, typechecked
+from infcl._spec import contract, describe
+from infcl._typing import Cols, Labels, Loss, Rows, Scale
+from infcl.kernels.numerics import acc_dtype
+from infcl.ops import scale_tensor, targets
 
 
-@checked
-@typechecked
+@contract
 def naive_loss(
     q: Rows,
     k: Cols,
@@ -24,12 +25,12 @@ def naive_loss(
     """Contrastive loss from the materialised `[M, N]` logit matrix (the reference)."""
     acc = acc_dtype(q)
     logits = (q.to(acc) @ k.to(acc).T) * scale_tensor(scale, q)
+    diag = torch.arange(q.shape[0], device=q.device)
     if not symmetric:
         if labels is None:  # diagonal positives: ignore_index only ever applies to given labels
-            diag = torch.arange(q.shape[0], device=q.device)
             return F.cross_entropy(logits, diag, reduction=reduction)
-        return F.cross_entropy(logits, labels.long(), reduction=reduction, ignore_index=ignore_index)
-    diag = torch.arange(q.shape[0], device=q.device)
+        y = targets(labels, k.shape[0], ignore_index)
+        return F.cross_entropy(logits, y, reduction=reduction, ignore_index=ignore_index)
     per = 0.5 * (
         F.cross_entropy(logits, diag, reduction="none")
         + F.cross_entropy(logits.T, diag, reduction="none")

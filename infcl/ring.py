@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from infcl._spec import checked, describe, group_size
-from infcl._typing import Cols, Labels, Loss, Rows, Scale, typechecked
-from infcl.chunked import chunked_loss
-from infcl.dist.ring import ring_loss_impl
+from infcl import ops
+from infcl._spec import contract, describe
+from infcl._typing import Cols, Labels, Loss, Rows, Scale
 
 
-@checked
-@typechecked
+@contract
 def ring_loss(
     q: Rows,
     k: Cols,
@@ -25,14 +23,9 @@ def ring_loss(
     chunk_size: int | None = None,
 ) -> Loss:
     """Contrastive loss on the batch of all ranks, each holding a shard, with torch tiles per step."""
-    if group_size(group) == 1:
-        return chunked_loss(
-            q, k, scale, labels=labels, symmetric=symmetric, reduction=reduction,
-            ignore_index=ignore_index, chunk_size=chunk_size,
-        )
-    return ring_loss_impl(
-        q, k, scale, labels, symmetric, reduction, ignore_index, group, "chunked",
-        str(chunk_size or 0),
+    return ops.loss(
+        q, k, scale, labels, symmetric, reduction, ignore_index, block="chunked", group=group,
+        chunk_size=chunk_size or 0,
     )
 
 
@@ -56,8 +49,14 @@ describe(
 
     Memory per rank beyond the inputs and their gradients: one strip of `chunk_size x N_max`
     logits and O((M_r + N_max) * D) for two key blocks in flight, the fp32 dq and travelling
-    key-gradient accumulators and the column statistics (N_max: the largest key shard). With no
-    process group (or a group of one) this is `chunked_loss`.
+    key-gradient accumulators and the column statistics (N_max: the largest key shard). With
+    `group=None` (the default) or a group of one rank this is `chunked_loss`: distribution is
+    opt-in, so a loss computed on one rank alone (validation, say) never joins a collective.
+
+    Errors: a rank whose own arguments are rejected raises at once, and tells the group first,
+    so every other rank raises ValueError with the reason instead of waiting in the ring. Ranks
+    that disagree on D, dtype, scale, symmetric or labels=None, and a global batch that breaks
+    the contract, fail on every rank with the same message.
 
     Communication: W - 1 key-block transfers forward and backward (`batch_isend_irecv`, posted
     before each step's compute), plus the column LSEs (symmetric) and the key gradients, which
@@ -65,7 +64,8 @@ describe(
     uses the same single ring.
 
     Args:
-        group: the process group (None: the default group when one is initialised).
+        group: the process group of the ring, e.g. `torch.distributed.group.WORLD` (None:
+            this process alone).
         chunk_size: rows of q per strip at every ring step (see `chunked_loss`).
     """,
 )

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from helpers import FLOOR, make_cotangent, rel_err
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
@@ -56,8 +57,8 @@ class Ctx:
     device: torch.device
 
     def group(self, world: int) -> Any:
-        """The group of `world` ranks (None: the default group), as a loss takes it."""
-        return None if world == POOL_SIZE else self.groups[world]
+        """The group of `world` ranks (the default group for the whole pool), as a loss takes it."""
+        return dist.group.WORLD if world == POOL_SIZE else self.groups[world]
 
     def member(self, world: int) -> bool:
         return world == POOL_SIZE or self.rank in SUBGROUPS[world]
@@ -346,3 +347,39 @@ def check_case(ctx: Ctx, p: Sharded, loss_fn: Callable[..., Tensor]) -> str:
             share = (q[p.rows(r)] * truth[1][p.rows(r)]).sum() / p.scale
             errors.append(_close("dscale share", s.grad.cpu(), share, share, 1e-9))
     return "; ".join(e for e in errors if e)
+
+
+BIG_LOGITS = Sharded(ms=(3, 3, 3, 3), ns=(3, 3, 3, 3), d=7, symmetric=True, scale=100.0)
+"""Inf-CL defect 6: scale 100 on gaussian rows puts logits far beyond 88.7 (exp overflows)."""
+
+PINNED = [
+    # Inf-CL defect 8: every positive lives on another rank (global labels).
+    Sharded(ms=(3, 2), ns=(2, 4), d=5, labels=(5, 4, 3, 0, 1)),
+    # Inf-CL defect 7: unequal shards, a rank with no rows, the diagonal crossing rank borders.
+    Sharded(ms=(4, 0, 3), ns=(2, 3, 2), d=3, reduction="sum"),
+    Sharded(ms=(3, 0, 2, 1), ns=(3, 0, 2, 1), d=4, symmetric=True, reduction="none"),
+    Sharded(ms=(0, 5), ns=(0, 5), d=3, symmetric=True),
+    # A rank whose rows are all ignored (its mean is NaN, its gradients are not).
+    Sharded(ms=(2, 2), ns=(1, 3), d=3, labels=(-100, -100, 0, 3)),
+    # ignore_index equal to a real column: the ignore rule wins.
+    Sharded(ms=(2, 1, 2), ns=(2, 2, 1), d=2, labels=(1, 4, 1, 0, 3), ignore_index=1),
+    BIG_LOGITS,
+    # bf16 keys on the wire at scale 100.
+    Sharded(ms=(3, 4, 2, 3), ns=(3, 4, 2, 3), d=7, symmetric=True, scale=100.0, dtype="bfloat16",
+            unit=True, reduction="none"),
+    Sharded(ms=(1,), ns=(1,), d=1),
+]
+
+
+def draw_cases(world: int, n: int) -> list[Sharded]:
+    """n problems of `world` ranks, drawn by Hypothesis from a fixed seed (the same every run)."""
+    drawn: list[Sharded] = []
+
+    @settings(max_examples=n, derandomize=True, database=None, deadline=None,
+              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(sharded(st.just(world)))
+    def collect(p: Sharded) -> None:
+        drawn.append(p)
+
+    collect()
+    return drawn[:n]

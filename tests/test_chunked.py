@@ -197,26 +197,26 @@ def _op_args(gen, m=11, n=7, d=5, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("want_col", [False, True])
-def test_opcheck_fwd(dtype, want_col):
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_opcheck_fwd(dtype, symmetric):
     gen = torch.Generator().manual_seed(5)
     q, k, scale, labels = _op_args(gen, dtype=dtype)
-    if want_col:  # the symmetric case: diagonal positives, M == N
+    if symmetric:  # the symmetric case: diagonal positives, M == N
         k = torch.randn(q.shape, generator=gen, dtype=dtype, requires_grad=True)
         labels = torch.arange(q.shape[0])
     for chunk_size in (0, 1, 4, 100):
         torch.library.opcheck(
-            torch.ops.infcl.chunked_fwd.default, (q, k, scale, labels, 0, want_col, chunk_size)
+            torch.ops.infcl.chunked_fwd.default, (q, k, scale, labels, 0, symmetric, chunk_size, "tf32")
         )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("want_col", [False, True])
-def test_opcheck_bwd(dtype, want_col):
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_opcheck_bwd(dtype, symmetric):
     gen = torch.Generator().manual_seed(6)
     q, k, scale, labels = _op_args(gen, m=9, n=9, dtype=dtype)
     q, k, scale = q.detach(), k.detach(), scale.detach()
-    row, col, _ = torch.ops.infcl.chunked_fwd(q, k, scale, labels, 0, want_col, 0)
+    row, col, _ = torch.ops.infcl.chunked_fwd(q, k, scale, labels, 0, symmetric, 0, "tf32")
     acc = row.dtype
     g_row = torch.randn(9, generator=gen, dtype=acc)
     g_col = torch.randn(col.shape, generator=gen, dtype=acc)
@@ -224,5 +224,5 @@ def test_opcheck_bwd(dtype, want_col):
     for chunk_size in (0, 2, 100):
         torch.library.opcheck(
             torch.ops.infcl.chunked_bwd.default,
-            (q, k, scale, labels, 0, row, col, g_row, g_col, g_pos, chunk_size),
+            (q, k, scale, labels, 0, row, col, g_row, g_col, g_pos, chunk_size, "tf32"),
         )

@@ -319,7 +319,8 @@ def _ddp_rank(rank: int, world: int, init_file: str, out: str) -> None:
                 model.zero_grad()
                 grad_cache_step(
                     lambda ab: ddp(*ab), None, x[shard], t[shard],  # noqa: B023
-                    lambda a, b: infcl.inf_loss(a, b, model.logit_scale.exp(), symmetric=True),  # noqa: B023
+                    lambda a, b: infcl.inf_loss(a, b, model.logit_scale.exp(), symmetric=True,  # noqa: B023
+                                              group=dist.group.WORLD),
                     micro_batch_size=MICRO // 2, mode=mode, no_sync=ddp.no_sync,
                 )
             result[mode] = grads(model)

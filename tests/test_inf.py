@@ -85,7 +85,7 @@ def check(p: Problem, dtype: torch.dtype, device: str, **kw) -> None:
 @example(p=Problem(m=31, n=40, d=20, labels=tuple([3, -100] * 15 + [39]), reduction="sum"))
 @example(p=Problem(m=1, n=1, d=1, seed=2))
 def test_kernels_match_naive_interpreted(small_blocks, dtype, p):
-    assert inf._use_triton(torch.empty(1, dtype=dtype)), "the Triton kernels must be the ones tested"
+    assert inf._block(torch.empty(1, dtype=dtype)) == "inf", "the Triton kernels must be tested"
     check(p, dtype, "cpu", precision="ieee")
 
 
@@ -97,14 +97,14 @@ def test_opcheck_interpreted(small_blocks):
     k = torch.randn(23, 7, generator=gen, requires_grad=True)
     s = torch.tensor(3.0, requires_grad=True)
     y = torch.randint(0, 23, (19,), generator=gen)
-    torch.library.opcheck(torch.ops.infcl.inf_fwd.default, (q, k, s, y, 0, False, "ieee"))
+    torch.library.opcheck(torch.ops.infcl.inf_fwd.default, (q, k, s, y, 0, False, 0, "ieee"))
     q2, k2 = q[:, :], torch.randn(19, 7, generator=gen, requires_grad=True)
     torch.library.opcheck(torch.ops.infcl.inf_fwd.default, (q2, k2, s, torch.arange(19), 0, True,
-                                                             "ieee"))
+                                                             0, "ieee"))
     row, col = torch.randn(19), torch.randn(23)
     g = torch.randn(19), torch.randn(23), torch.randn(19)
     torch.library.opcheck(torch.ops.infcl.inf_bwd.default,
-                          (q.detach(), k.detach(), s.detach(), y, 0, row, col, *g, "ieee"))
+                          (q.detach(), k.detach(), s.detach(), y, 0, row, col, *g, 0, "ieee"))
 
 
 @interpret
@@ -179,7 +179,7 @@ def test_cpu_without_interpreter_falls_back_to_torch_tiles():
         pytest.skip("this run interprets the kernels")
     gen = torch.Generator().manual_seed(11)
     q = torch.randn(23, 10, generator=gen)
-    assert not inf._use_triton(q)
+    assert inf._block(q) == "chunked"
     with OpLog() as log:
         infcl.inf_loss(q, torch.randn(23, 10, generator=gen), 5.0, symmetric=True)
     assert [n for n, _ in log.calls] == ["infcl.chunked_fwd.default"]
@@ -191,7 +191,7 @@ def test_float64_takes_torch_tiles_exactly():
     gen = torch.Generator().manual_seed(12)
     q = torch.randn(30, 7, generator=gen, dtype=torch.float64)
     k = torch.randn(30, 7, generator=gen, dtype=torch.float64)
-    assert not inf._use_triton(q)
+    assert inf._block(q) == "chunked"
     assert_close_to_naive(infcl.inf_loss, q, k, 3.0, dtype=torch.float64, symmetric=True)
 
 
@@ -227,13 +227,13 @@ def test_opcheck_cuda():
     k = F.normalize(torch.randn(100, 70, device="cuda", generator=gen), dim=1).bfloat16()
     s = torch.tensor(10.0, device="cuda")
     y = torch.arange(100, device="cuda")
-    args = (q.requires_grad_(), k.requires_grad_(), s.requires_grad_(), y, 0, True, "tf32")
+    args = (q.requires_grad_(), k.requires_grad_(), s.requires_grad_(), y, 0, True, 0, "tf32")
     torch.library.opcheck(torch.ops.infcl.inf_fwd.default, args)
     # the backward op on statistics from the forward (random LSEs would overflow exp)
-    row, col, _ = torch.ops.infcl.inf_fwd(q.detach(), k.detach(), s.detach(), y, 0, True, "tf32")
+    row, col, _ = torch.ops.infcl.inf_fwd(q.detach(), k.detach(), s.detach(), y, 0, True, 0, "tf32")
     g = [torch.randn(100, device="cuda", generator=gen) for _ in range(3)]
     torch.library.opcheck(torch.ops.infcl.inf_bwd.default,
-                          (q.detach(), k.detach(), s.detach(), y, 0, row, col, *g, "tf32"))
+                          (q.detach(), k.detach(), s.detach(), y, 0, row, col, *g, 0, "tf32"))
 
 
 @pytest.mark.gpu
@@ -269,3 +269,22 @@ def test_compile_fullgraph_training_step_cuda():
         torch.testing.assert_close(grads[0][0], grads[1][0])
         torch.testing.assert_close(grads[0][1], grads[1][1])
     assert len(frames) == 1, f"{len(frames)} graphs: a recompile or a graph break"
+
+
+@interpret
+@needs_interpret
+@pytest.mark.parametrize("bad", [-1, 23, 10**6])
+def test_label_range_is_checked_when_compiled_interpreted(small_blocks, bad):
+    """Out-of-range labels on the Triton path: the ValueError of eager mode, never a finite loss
+    (the positive logit of a label outside the block would read as 0)."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(19, 7, generator=gen)
+    k = torch.randn(23, 7, generator=gen)
+    labels = torch.randint(0, 23, (19,), generator=gen)
+    labels[5] = bad
+    assert inf._block(q) == "inf"
+    torch._dynamo.reset()
+    compiled = torch.compile(infcl.inf_loss, backend="aot_eager", fullgraph=True)
+    for fn in (infcl.inf_loss, compiled):
+        with pytest.raises(ValueError, match=rf"labels must lie in \[0, 23\).*\[{bad}\]"):
+            fn(q, k, 2.0, labels=labels)

@@ -8,8 +8,7 @@ of them: the interpreter is slow.
 from __future__ import annotations
 
 import pytest
-from dist_utils import Ctx, Pool, Sharded, check_case
-from test_ring import PINNED, draw_cases
+from dist_utils import PINNED, Ctx, Pool, Sharded, check_case, draw_cases
 
 import infcl
 from infcl.kernels import configs
@@ -26,9 +25,9 @@ def inf_ring(q, k, scale, *, group, chunk_size, **kw):
 
 
 def job_cases(ctx: Ctx, cases: list[Sharded]) -> list[str]:
-    import infcl.inf
+    import infcl.ops
 
-    assert infcl.inf.INTERPRET, "the ranks must interpret the kernels"
+    assert infcl.ops.INTERPRET, "the ranks must interpret the kernels"
     # bf16 and fp16 go through the kernels; float64 takes torch tiles by design
     return [check_case(ctx, p, inf_ring) for p in cases]
 

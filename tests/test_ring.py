@@ -11,10 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from dist_utils import POOL_SIZE, Ctx, Pool, Sharded, check_case, sharded
+from dist_utils import BIG_LOGITS, PINNED, POOL_SIZE, Ctx, Pool, Sharded, check_case, draw_cases
 from helpers import assert_close_to_naive
-from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis import strategies as st
 
 from infcl import naive_loss
 from infcl.chunked import chunked_loss
@@ -24,40 +22,6 @@ pytestmark = pytest.mark.dist
 
 DRAWN_PER_WORLD = 15
 
-BIG_LOGITS = Sharded(ms=(3, 3, 3, 3), ns=(3, 3, 3, 3), d=7, symmetric=True, scale=100.0)
-"""Inf-CL defect 6: scale 100 on gaussian rows puts logits far beyond 88.7 (exp overflows)."""
-
-PINNED = [
-    # Inf-CL defect 8: every positive lives on another rank (global labels).
-    Sharded(ms=(3, 2), ns=(2, 4), d=5, labels=(5, 4, 3, 0, 1)),
-    # Inf-CL defect 7: unequal shards, a rank with no rows, the diagonal crossing rank borders.
-    Sharded(ms=(4, 0, 3), ns=(2, 3, 2), d=3, reduction="sum"),
-    Sharded(ms=(3, 0, 2, 1), ns=(3, 0, 2, 1), d=4, symmetric=True, reduction="none"),
-    Sharded(ms=(0, 5), ns=(0, 5), d=3, symmetric=True),
-    # A rank whose rows are all ignored (its mean is NaN, its gradients are not).
-    Sharded(ms=(2, 2), ns=(1, 3), d=3, labels=(-100, -100, 0, 3)),
-    # ignore_index equal to a real column: the ignore rule wins.
-    Sharded(ms=(2, 1, 2), ns=(2, 2, 1), d=2, labels=(1, 4, 1, 0, 3), ignore_index=1),
-    BIG_LOGITS,
-    # bf16 keys on the wire at scale 100.
-    Sharded(ms=(3, 4, 2, 3), ns=(3, 4, 2, 3), d=7, symmetric=True, scale=100.0, dtype="bfloat16",
-            unit=True, reduction="none"),
-    Sharded(ms=(1,), ns=(1,), d=1),
-]
-
-
-def draw_cases(world: int, n: int) -> list[Sharded]:
-    """n problems of `world` ranks, drawn by Hypothesis from a fixed seed (the same every run)."""
-    drawn: list[Sharded] = []
-
-    @settings(max_examples=n, derandomize=True, database=None, deadline=None,
-              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
-    @given(sharded(st.just(world)))
-    def collect(p: Sharded) -> None:
-        drawn.append(p)
-
-    collect()
-    return drawn[:n]
 
 
 @pytest.fixture(scope="module")
@@ -263,9 +227,9 @@ def job_opcheck(ctx: Ctx) -> bool | None:
     s = torch.tensor(2.0, dtype=torch.float64, device=dev, requires_grad=True)
     name = group_name(ctx.group(world))
     for args in (
-        (q, k, s, q.new_empty(0, dtype=torch.long), True, True, -100, name, "chunked", "0"),
+        (q, k, s, q.new_empty(0, dtype=torch.long), True, True, -100, name, "chunked", 0, "tf32"),
         (q, k, s, torch.tensor([4, 0, -100][: 2 + r], device=dev), False, False, -100, name,
-         "chunked", "1"),
+         "chunked", 1, "tf32"),
     ):
         torch.library.opcheck(torch.ops.infcl.ring_fwd.default, args)
     return True
@@ -287,3 +251,110 @@ def test_pinned_cases_are_valid():
         assert naive_loss(q.double(), k.double(), p.scale, **kw).shape == (sum(p.ms),)
     q, k, _ = BIG_LOGITS.batch()
     assert float((q @ k.T).max()) * BIG_LOGITS.scale > 200.0
+
+
+def _timed(fn) -> tuple[str, float]:
+    """(`TypeName: message` of what fn raised, or 'no error'; seconds it took)."""
+    import time
+
+    start = time.perf_counter()
+    try:
+        fn()
+        said = "no error"
+    except (TypeError, ValueError) as e:
+        said = f"{type(e).__name__}: {e}"
+    return said, time.perf_counter() - start
+
+
+BAD_ON_ONE_RANK = {
+    "labels-length": lambda q, k: {"labels": torch.zeros(q.shape[0] + 1, dtype=torch.long)},
+    "symmetric-with-labels": lambda q, k: {"symmetric": True,
+                                           "labels": torch.zeros(q.shape[0], dtype=torch.long)},
+    "other-d": lambda q, k: {"k": k[:, :2]},
+    "reduction": lambda q, k: {"reduction": "avg"},
+}
+"""Arguments that are wrong on their own rank: the contract rejects them before any collective."""
+
+
+def job_one_bad_rank(ctx: Ctx, world: int, case: str, compiled: bool) -> tuple | None:
+    """Rank 1 of the group passes a bad argument; every rank reports what it raised and when."""
+    if not ctx.member(world):
+        return None
+    from infcl import inf_loss
+
+    r = ctx.group_rank(world)
+    group = ctx.group(world)
+    gen = torch.Generator().manual_seed(r)
+    q = torch.randn(3, 4, generator=gen, device=ctx.device)
+    k = torch.randn(3, 4, generator=gen, device=ctx.device)
+    kw = {"q": q, "k": k} | (BAD_ON_ONE_RANK[case](q, k) if r == 1 else {})
+    results = []
+    for fn in (ring_loss, inf_loss):
+        def call(kw=kw, fn=fn):
+            kw = dict(kw)
+            return fn(kw.pop("q"), kw.pop("k"), 2.0, group=group, **kw)
+
+        if compiled:
+            torch._dynamo.reset()
+            call = torch.compile(call, backend="aot_eager", fullgraph=True)
+        results.append(_timed(call))
+    return r, results
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("case", BAD_ON_ONE_RANK)
+@pytest.mark.parametrize("world", [w for w in (2, 3) if w <= POOL_SIZE])
+def test_one_bad_rank_fails_every_rank_at_once(pool, world, case, compiled):
+    """The peers of a rank that rejects its own arguments raise too, within a second (the pool's
+    process-group timeout is 60 s: a peer left waiting in a collective would take that long)."""
+    per_rank = [x for x in pool.run(job_one_bad_rank, world, case, compiled) if x is not None]
+    assert len(per_rank) == world
+    for r, results in per_rank:
+        for said, seconds in results:
+            assert seconds < 1.0 + (10.0 if compiled else 0.0), (r, said, seconds)
+            if r == 1:
+                assert said.split(":")[0] in ("TypeError", "ValueError"), said
+                assert "rejected on rank" not in said, said
+            else:
+                assert said.startswith("ValueError: the loss was rejected on rank(s) [1]"), said
+
+
+def job_disagreeing_ranks(ctx: Ctx) -> list[str] | None:
+    """Ranks that pass different scales, or different dtypes: every rank refuses."""
+    world = 2
+    if not ctx.member(world):
+        return None
+    r = ctx.group_rank(world)
+    group = ctx.group(world)
+    q = torch.randn(3, 4, device=ctx.device)
+    out = []
+    for scale, dtype in ((4.0 * (r + 1), torch.float32), (4.0, (torch.float32, torch.float64)[r])):
+        x = q.to(dtype)
+        out.append(_timed(lambda x=x, scale=scale: ring_loss(x, x, scale, group=group))[0])
+    return out
+
+
+def test_ranks_that_disagree_fail_on_every_rank(pool):
+    for said in [x for x in pool.run(job_disagreeing_ranks) if x is not None]:
+        assert said[0] == "ValueError: all ranks must agree on scale; per rank: [4.0, 8.0]", said
+        assert said[1] == (
+            "ValueError: all ranks must agree on dtype; per rank: [torch.float32, torch.float64]"
+        ), said
+
+
+def job_group_none_is_local(ctx: Ctx) -> list[float] | None:
+    """With a process group initialised, group=None computes this rank's batch alone; only rank
+    0 calls (as a validation loop might), so joining any collective would hang."""
+    from infcl import inf_loss
+
+    if ctx.rank != 0:
+        return None
+    gen = torch.Generator().manual_seed(9)
+    q, k = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64).to(ctx.device)
+    local = naive_loss(q, k, 3.0, symmetric=True)
+    return [float(fn(q, k, 3.0, symmetric=True) - local) for fn in (ring_loss, inf_loss)]
+
+
+def test_group_none_is_local(pool):
+    got = [x for x in pool.run(job_group_none_is_local) if x is not None]
+    assert len(got) == 1 and all(abs(d) < 1e-12 for d in got[0]), got

@@ -1,4 +1,5 @@
-"""Every input the contract rejects raises the documented error, naming the argument at fault.
+"""Every input the contract rejects raises the documented error, naming the argument at fault,
+in eager mode and from a `torch.compile(fullgraph=True)`d call alike (same type, same message).
 
 LOSSES collects whichever public losses exist, so a new one is checked as soon as it is exported.
 """
@@ -7,6 +8,7 @@ import inspect
 
 import pytest
 import torch
+import torch._dynamo
 
 import infcl
 
@@ -40,6 +42,15 @@ def _base(**change):
 def _call(fn, args):
     args = dict(args)
     return fn(args.pop("q"), args.pop("k"), args.pop("scale"), **args)
+
+
+def _compiled_call(fn, args):
+    """The same call inside a compiled function (a fresh compile: nothing cached from eager)."""
+    torch._dynamo.reset()
+    return torch.compile(lambda a: _call(fn, a), backend="aot_eager", fullgraph=True)(args)
+
+
+MODES = {"eager": _call, "compiled": _compiled_call}
 
 
 q0, k0, labels0 = _inputs()
@@ -76,7 +87,11 @@ BAD = [
     ),
     ("m-ne-n-no-labels", _base(labels=None), ValueError, ["labels", r"\(4, 3\)", r"\(6, 3\)"]),
     ("reduction", _base(reduction="avg"), ValueError, ["reduction", "avg"]),
-    ("reduction-none-object", _base(reduction=None), ValueError, ["reduction"]),
+    ("labels-uint8-too-big", _base(labels=torch.tensor([0, 6, 1, 2], dtype=torch.uint8)),
+     ValueError, ["labels", "6"]),
+    ("labels-list", _base(labels=[0, 5, 1, 2]), TypeError, ["labels", "list"]),
+    ("scale-bool", _base(scale=True), TypeError, ["scale", "bool"]),
+    ("reduction-none-object", _base(reduction=None), TypeError, ["reduction", "NoneType"]),
     ("scale-1d", _base(scale=torch.ones(1)), ValueError, ["scale", r"\(1,\)"]),
     ("scale-2d", _base(scale=torch.ones(1, 1)), ValueError, ["scale"]),
     ("scale-str", _base(scale="2.0"), TypeError, ["scale", "str"]),
@@ -86,26 +101,52 @@ BAD = [
 ]
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("fn", LOSSES, ids=lambda f: f.__name__)
-def test_valid_base_call_passes(fn):
+def test_valid_base_call_passes(fn, mode):
     """The baseline every bad case edits is itself valid, so each error is the edit's."""
-    assert torch.isfinite(_call(fn, _base()))
+    assert torch.isfinite(MODES[mode](fn, _base()))
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(
     ("args", "error", "patterns"), [b[1:] for b in BAD], ids=[b[0] for b in BAD]
 )
 @pytest.mark.parametrize("fn", LOSSES, ids=lambda f: f.__name__)
-def test_bad_input_raises(fn, args, error, patterns):
+def test_bad_input_raises(fn, args, error, patterns, mode):
     with pytest.raises(error) as info:
-        _call(fn, args)
+        MODES[mode](fn, args)
+    assert type(info.value) is error or error is TypeError, type(info.value)
     for pattern in patterns:
         assert info.match(pattern), (pattern, str(info.value))
 
 
+@pytest.mark.parametrize("fn", LOSSES, ids=lambda f: f.__name__)
+def test_compiled_error_message_equals_eager(fn):
+    """Not only the type and a few words: the whole message is the eager one."""
+    for _, args, error, _ in BAD:
+        with pytest.raises(error) as eager:
+            _call(fn, args)
+        with pytest.raises(error) as compiled:
+            _compiled_call(fn, args)
+        assert str(compiled.value) == str(eager.value)
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.int8, torch.uint8, torch.int16, torch.uint16, torch.int32, torch.uint32]
+)
+@pytest.mark.parametrize("fn", LOSSES, ids=lambda f: f.__name__)
+def test_every_integer_label_dtype(fn, dtype):
+    q, k, labels = _inputs()
+    labels = labels.clamp(min=0)
+    want = _call(fn, _base(labels=labels))
+    torch.testing.assert_close(_call(fn, _base(labels=labels.to(dtype))), want)
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("which", ["q", "k", "both"])
 @pytest.mark.parametrize("fn", LOSSES, ids=lambda f: f.__name__)
-def test_empty_batch_raises(fn, which):
+def test_empty_batch_raises(fn, which, mode):
     """Without a process group the tensors are the whole batch (one rank's shard may be empty).
 
     Rows with no columns at all may also be reported as labels without a valid column.
@@ -113,7 +154,7 @@ def test_empty_batch_raises(fn, which):
     q, k = torch.ones(0 if which != "k" else M, D), torch.ones(0 if which != "q" else M, D)
     labels = torch.zeros(q.shape[0], dtype=torch.long)
     with pytest.raises(ValueError, match="empty" if which != "k" else "empty|labels"):
-        fn(q, k, 1.0, labels=labels)
+        MODES[mode](fn, {"q": q, "k": k, "scale": 1.0, "labels": labels})
 
 
 @pytest.mark.parametrize("fn", LOSSES, ids=lambda f: f.__name__)
@@ -122,10 +163,43 @@ def test_zero_width_raises(fn):
         fn(torch.ones(M, 0), torch.ones(M, 0), 1.0)
 
 
-@pytest.mark.parametrize("chunk_size", [0, -1, 2.5, True])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    ("chunk_size", "error"),
+    [(0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError), ("4", TypeError)],
+)
 @pytest.mark.parametrize(
     "fn", [f for f in LOSSES if _has_param(f, "chunk_size")], ids=lambda f: f.__name__
 )
-def test_bad_chunk_size_raises(fn, chunk_size):
-    with pytest.raises(ValueError, match="chunk_size"):
-        _call(fn, _base(chunk_size=chunk_size))
+def test_bad_chunk_size_raises(fn, chunk_size, error, mode):
+    with pytest.raises(error, match="chunk_size"):
+        MODES[mode](fn, _base(chunk_size=chunk_size))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("precision", "error"), [("fast", ValueError), (None, TypeError)])
+@pytest.mark.parametrize(
+    "fn", [f for f in LOSSES if _has_param(f, "precision")], ids=lambda f: f.__name__
+)
+def test_bad_precision_raises(fn, precision, error, mode):
+    with pytest.raises(error, match="precision"):
+        MODES[mode](fn, _base(precision=precision))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("group", ["world", 1, object()])
+@pytest.mark.parametrize(
+    "fn", [f for f in LOSSES if _has_param(f, "group")], ids=lambda f: f.__name__
+)
+def test_bad_group_raises_type_error(fn, group, mode):
+    with pytest.raises(TypeError, match="group must be None or a torch.distributed.ProcessGroup"):
+        MODES[mode](fn, _base(group=group))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fn", LOSSES, ids=lambda f: f.__name__)
+def test_nan_in_nan_out(fn, mode):
+    q, k, labels = _inputs()
+    q = q.clone()
+    q[1, 0] = float("nan")
+    assert torch.isnan(MODES[mode](fn, _base(q=q)))

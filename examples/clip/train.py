@@ -42,7 +42,8 @@ import evaluate as ev  # noqa: E402
 from data import PairLoader  # noqa: E402
 
 LOG_FIELDS = ("step", "loss", "lr", "scale", "samples_per_s", "samples_seen", "corrupt")
-LOSSES = {"inf": infcl.inf_loss, "chunked": infcl.chunked_loss, "naive": infcl.naive_loss}
+LOSSES = {"inf": infcl.inf_loss, "chunked": infcl.ring_loss, "naive": infcl.naive_loss}
+"""`chunked` is ring_loss: torch tiles, around the ranks under torchrun, chunked_loss in one process."""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -294,10 +295,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         encode_image, encode_text, encode_pair = (
             torch.compile(encode_image), torch.compile(encode_text), torch.compile(encode_pair))
     loss_impl = LOSSES[args.loss]
+    if world > 1 and args.loss == "naive":
+        raise ValueError("--loss naive materialises one device's logits; across ranks use inf or chunked")
+    ring = {"group": dist.group.WORLD} if world > 1 else {}  # the global batch's loss
 
     def loss_fn(img, txt):
         scale = ev.unwrap(model).logit_scale.exp()
-        return loss_impl(img, txt.to(img.dtype), scale, symmetric=True)
+        return loss_impl(img, txt.to(img.dtype), scale, symmetric=True, **ring)
 
     loader = PairLoader(args.train_data, local_batch, preprocess_train, tokenizer,
                         seed=args.seed, rank=rank, world=world,

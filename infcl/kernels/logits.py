@@ -11,6 +11,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+LOG2E = tl.constexpr(1.4426950408889634)
+"""log2(e): the kernels take exponentials as `exp2(x * LOG2E)`."""
+
 
 @triton.jit
 def qk_tile(

@@ -1,8 +1,8 @@
 """Backward stage: recompute tiles of logits, turn them into dS (the logits' gradient), and let
 two GEMMs take dq and dk from it.
 
-For each square block of at most `BWD_BLOCK x BWD_BLOCK` logits, `_dlogits_kernel` recomputes
-the tiles with `tl.dot`, forms `dS = g_row * softmax_row + g_col * softmax_col + g_pos * onehot`,
+For each square block of at most `BWD_BLOCK x BWD_BLOCK` logits, `_ds_kernel` recomputes the
+tiles with `tl.dot`, forms `dS = g_row * softmax_row + g_col * softmax_col + g_pos * onehot`,
 and writes `dS / g_max` in the input dtype (dividing by the largest incoming gradient keeps fp16
 away from underflow) along with per-program partial sums of `dS * (q @ k.T)`, which give dscale
 exactly in fp32. cuBLAS then adds `dS @ k` into an fp32 dq block and `dS.T @ q` into an fp32 dk
@@ -16,12 +16,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from infcl._autograd import register_block_autograd
-from infcl._spec import split_lse
 from infcl.kernels import configs
 from infcl.kernels.configs import INTERPRET, Tile, bwd_tile, split
-from infcl.kernels.logits import addmm32_, matmul_precision, qk_tile
-from infcl.kernels.lse_fwd import inf_fwd
+from infcl.kernels.logits import LOG2E, addmm32_, matmul_precision, qk_tile
+from infcl.kernels.numerics import split_lse
 
 
 @triton.jit
@@ -29,19 +27,19 @@ def _softmax(b_s, b_hi, b_lo, PRECISE: tl.constexpr):
     """exp(S - lse) with lse = hi + lo. `S - hi` is exact where S is near the LSE, which keeps
     fp32's digits in the probabilities that matter; bf16 and fp16 take one FMA instead."""
     if PRECISE:
-        return tl.exp2(((b_s - b_hi) - b_lo) * 1.4426950408889634)
-    return tl.exp2(b_s * 1.4426950408889634 - (b_hi + b_lo) * 1.4426950408889634)
+        return tl.exp2(((b_s - b_hi) - b_lo) * LOG2E)
+    return tl.exp2(b_s * LOG2E - (b_hi + b_lo) * LOG2E)
 
 
 @triton.jit
-def _dlogits_kernel(
+def _ds_kernel(
     q_ptr, k_ptr, scale_ptr, inv_g_ptr, y_ptr,
     r_hi_ptr, r_lo_ptr, c_hi_ptr, c_lo_ptr, g_row_ptr, g_col_ptr, g_pos_ptr,
-    p_ptr, ds_ptr,
+    ds_ptr, dscale_ptr,
     M, N, D, col_offset, cols_per_part,
-    stride_qm, stride_qd, stride_kn, stride_kd, stride_pm,
+    stride_qm, stride_qd, stride_kn, stride_kd, stride_dsm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_COL: tl.constexpr,  # the symmetric loss also backpropagates through the column LSE
+    SYMMETRIC: tl.constexpr,  # the symmetric loss also backpropagates through the column LSE
     UPCAST: tl.constexpr,  # the interpreter computes low-precision dots wrongly: go through fp32
     IS_FP32: tl.constexpr,  # fp32 inputs take PRECISION ("tf32" or "ieee"); others ignore it
     PRECISION: tl.constexpr,
@@ -60,7 +58,7 @@ def _dlogits_kernel(
     b_gr = tl.load(g_row_ptr + o_m, mask=m_m, other=0.0)
     b_y = tl.load(y_ptr + o_m, mask=m_m, other=-1) - col_offset
     b_gp = tl.load(g_pos_ptr + o_m, mask=m_m, other=0.0)
-    b_ds = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_dscale = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in range(col_lo, col_hi, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = o_n < col_hi
@@ -69,35 +67,37 @@ def _dlogits_kernel(
             BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION,
         )
         b_s = b_acc * s
-        b_p = b_gr[:, None] * _softmax(b_s, b_rh[:, None], b_rl[:, None], PRECISE)
-        if HAS_COL:
+        b_ds = b_gr[:, None] * _softmax(b_s, b_rh[:, None], b_rl[:, None], PRECISE)
+        if SYMMETRIC:
             b_ch = tl.load(c_hi_ptr + o_n, mask=m_n, other=0.0)  # [BLOCK_N]
             b_cl = tl.load(c_lo_ptr + o_n, mask=m_n, other=0.0)
             b_gc = tl.load(g_col_ptr + o_n, mask=m_n, other=0.0)
-            b_p += b_gc[None, :] * _softmax(b_s, b_ch[None, :], b_cl[None, :], PRECISE)
-        b_p += tl.where(o_n[None, :] == b_y[:, None], b_gp[:, None], 0.0)
-        b_p = tl.where(m_m[:, None] & m_n[None, :], b_p, 0.0)
-        b_ds += tl.sum(b_p * b_acc, axis=1)
-        p_p = p_ptr + o_m[:, None] * stride_pm + o_n[None, :]
-        tl.store(p_p, (b_p * inv_g).to(p_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
-    tl.store(ds_ptr + pid_m * tl.num_programs(1) + pid_c, tl.sum(b_ds))
+            b_ds += b_gc[None, :] * _softmax(b_s, b_ch[None, :], b_cl[None, :], PRECISE)
+        b_ds += tl.where(o_n[None, :] == b_y[:, None], b_gp[:, None], 0.0)
+        b_ds = tl.where(m_m[:, None] & m_n[None, :], b_ds, 0.0)  # [BLOCK_M, BLOCK_N]
+        b_dscale += tl.sum(b_ds * b_acc, axis=1)
+        p_ds = ds_ptr + o_m[:, None] * stride_dsm + o_n[None, :]
+        tl.store(p_ds, (b_ds * inv_g).to(ds_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+    tl.store(dscale_ptr + pid_m * tl.num_programs(1) + pid_c, tl.sum(b_dscale))
 
 
-def dlogits_bwd(
+def ds_bwd(
     q: Tensor, k: Tensor, scale: Tensor, labels: Tensor, col_offset: int,
     row_lse: Tensor, col_lse: Tensor, g_row: Tensor, g_col: Tensor, g_pos: Tensor,
     precision: str, tile: Tile | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dscale of `sum(g_row * row_lse + g_col * col_lse + g_pos * pos)` for one block."""
+    """dq, dk, dscale of `sum(g_row * row_lse + g_col * col_lse + g_pos * pos)` for one block.
+
+    The loss is symmetric when `col_lse` is not empty."""
     m, n, d = q.shape[0], k.shape[0], q.shape[1]
     f32 = dict(dtype=torch.float32, device=q.device)
     dq = torch.zeros_like(q)
     dk32 = torch.zeros(k.shape, **f32)
-    ds = torch.zeros((), **f32)
+    dscale = torch.zeros((), **f32)
     if m == 0 or n == 0:
-        return dq, dk32.to(k.dtype), ds.to(scale.dtype)
-    has_col = col_lse.numel() > 0
-    g_all = [g_row.abs().amax(), g_pos.abs().amax()] + ([g_col.abs().amax()] if has_col else [])
+        return dq, dk32.to(k.dtype), dscale.to(scale.dtype)
+    symmetric = col_lse.numel() > 0
+    g_all = [g_row.abs().amax(), g_pos.abs().amax()] + ([g_col.abs().amax()] if symmetric else [])
     g_max = torch.stack(g_all).amax().float()
     g_max = torch.where(g_max > 0, g_max, torch.ones_like(g_max))
     inv_g = (1.0 / g_max).reshape(1)
@@ -106,61 +106,61 @@ def dlogits_bwd(
     r_hi, r_lo = (x.contiguous() for x in split_lse(row_lse, torch.float32))
     c_hi, c_lo = (x.contiguous() for x in split_lse(col_lse, torch.float32))
     g_row, g_col, g_pos = (g.float().contiguous() for g in (g_row, g_col, g_pos))
-    if not has_col:
+    if not symmetric:
         c_hi, c_lo, g_col = r_hi, r_lo, g_row  # never read; any valid pointer will do
     y = labels.contiguous()
     t = tile or bwd_tile(q.dtype)
-    p_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    ds_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
     blk = configs.BWD_BLOCK
-    p_buf = torch.empty((min(m, blk), min(n, blk)), dtype=p_dtype, device=q.device)
+    ds_buf = torch.empty((min(m, blk), min(n, blk)), dtype=ds_dtype, device=q.device)
     with matmul_precision(precision):
         for a in range(0, m, blk):
             b = min(a + blk, m)
             dq32 = torch.zeros((b - a, d), **f32)
             for c in range(0, n, blk):
                 e = min(c + blk, n)
-                p = p_buf[: b - a, : e - c]
+                ds = ds_buf[: b - a, : e - c]
                 n_parts, cols_per = split(e - c, t.block_n, configs.BWD_PARTS)
                 grid = (triton.cdiv(b - a, t.block_m), n_parts)
-                ds_part = torch.empty(grid[0] * grid[1], **f32)
-                _dlogits_kernel[grid](
+                dscale_part = torch.empty(grid[0] * grid[1], **f32)
+                _ds_kernel[grid](
                     q[a:b], k[c:e], s, inv_g, y[a:b],
-                    r_hi[a:b], r_lo[a:b], c_hi[c:e] if has_col else c_hi,
-                    c_lo[c:e] if has_col else c_lo,
-                    g_row[a:b], g_col[c:e] if has_col else g_col, g_pos[a:b],
-                    p, ds_part,
+                    r_hi[a:b], r_lo[a:b], c_hi[c:e] if symmetric else c_hi,
+                    c_lo[c:e] if symmetric else c_lo,
+                    g_row[a:b], g_col[c:e] if symmetric else g_col, g_pos[a:b],
+                    ds, dscale_part,
                     b - a, e - c, d, col_offset + c, cols_per,
-                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), p.stride(0),
+                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), ds.stride(0),
                     BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
-                    HAS_COL=has_col,
+                    SYMMETRIC=symmetric,
                     UPCAST=INTERPRET and q.dtype in (torch.float16, torch.bfloat16),
                     IS_FP32=q.dtype == torch.float32, PRECISION=precision,
                     PRECISE=q.dtype == torch.float32,
                     num_warps=t.num_warps, num_stages=t.num_stages,
                 )
-                ds += ds_part.sum()
-                addmm32_(dq32, p, k[c:e])
-                addmm32_(dk32[c:e], p.T, q[a:b])
+                dscale += dscale_part.sum()
+                addmm32_(dq32, ds, k[c:e])
+                addmm32_(dk32[c:e], ds.T, q[a:b])
             dq[a:b] = (dq32 * (s * g_max)).to(q.dtype)
     dk = dk32.mul_(s * g_max).to(k.dtype)  # in place: an fp32 [N, D] temporary is a lot at large N
-    return dq, dk, ds.to(scale.dtype)
+    return dq, dk, dscale.to(scale.dtype)
 
 
 @torch.library.custom_op("infcl::inf_bwd", mutates_args=())
 def inf_bwd(
     q: Tensor, k: Tensor, scale: Tensor, labels: Tensor, col_offset: int,
     row_lse: Tensor, col_lse: Tensor, g_row: Tensor, g_col: Tensor, g_pos: Tensor,
-    precision: str,
+    chunk_size: int, precision: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Triton twin of `infcl::chunked_bwd`; the LSEs are used as given (they may be global)."""
-    return dlogits_bwd(
+    """Triton twin of `infcl::chunked_bwd`; the LSEs are used as given (they may be global).
+    `chunk_size` is unused, as in `infcl::inf_fwd`."""
+    return ds_bwd(
         q, k, scale, labels, col_offset, row_lse, col_lse, g_row, g_col, g_pos, precision
     )
 
 
 @inf_bwd.register_fake
-def _(q, k, scale, labels, col_offset, row_lse, col_lse, g_row, g_col, g_pos, precision):
+def inf_bwd_fake(
+    q, k, scale, labels, col_offset, row_lse, col_lse, g_row, g_col, g_pos, chunk_size, precision
+):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(scale)
-
-
-register_block_autograd(inf_fwd, inf_bwd)

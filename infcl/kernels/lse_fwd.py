@@ -14,10 +14,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from infcl._spec import LSE_DTYPE
 from infcl.kernels import configs
 from infcl.kernels.configs import INTERPRET, Tile, fwd_tile, split
-from infcl.kernels.logits import qk_tile
+from infcl.kernels.logits import LOG2E, qk_tile
+from infcl.kernels.numerics import LSE_DTYPE
 
 
 @triton.jit
@@ -55,10 +55,10 @@ def _lse_fwd_kernel(
             b_s = tl.where(m_n[None, :], b_acc * s, float("-inf"))
             b_new = tl.maximum(b_max, tl.max(b_s, axis=1))
             if IS_FP32:  # S - max first: exact near the max, so the sum keeps fp32's digits
-                b_e = tl.exp2((b_s - b_new[:, None]) * 1.4426950408889634)
+                b_e = tl.exp2((b_s - b_new[:, None]) * LOG2E)
             else:  # one FMA; its rounding (eps * |S|) is far below bf16/fp16 input rounding
-                b_e = tl.exp2(b_s * 1.4426950408889634 - (b_new * 1.4426950408889634)[:, None])
-            b_sum = b_sum * tl.exp2((b_max - b_new) * 1.4426950408889634) + tl.sum(b_e, axis=1)
+                b_e = tl.exp2(b_s * LOG2E - (b_new * LOG2E)[:, None])
+            b_sum = b_sum * tl.exp2((b_max - b_new) * LOG2E) + tl.sum(b_e, axis=1)
             b_max = b_new
             b_pos += tl.sum(tl.where(o_n[None, :] == b_y[:, None], b_acc, 0.0), axis=1)
         # the LSE leaves as (max, log(sum)); torch adds them in float64
@@ -98,12 +98,12 @@ def lse_rows(
 
 
 def lse_fwd(
-    q: Tensor, k: Tensor, scale: Tensor, labels: Tensor, col_offset: int, want_col: bool,
+    q: Tensor, k: Tensor, scale: Tensor, labels: Tensor, col_offset: int, symmetric: bool,
     precision: str, tile: Tile | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(row LSE [M], column LSE [N] or [0], positive logit [M]); LSEs float64, pos fp32."""
     row, pos = lse_rows(q, k, scale, labels, col_offset, precision, tile)
-    if want_col:
+    if symmetric:
         col, _ = lse_rows(k, q, scale, None, 0, precision, tile)
     else:
         col = q.new_empty(0, dtype=LSE_DTYPE)
@@ -112,16 +112,19 @@ def lse_fwd(
 
 @torch.library.custom_op("infcl::inf_fwd", mutates_args=())
 def inf_fwd(
-    q: Tensor, k: Tensor, scale: Tensor, labels: Tensor, col_offset: int, want_col: bool,
-    precision: str,
+    q: Tensor, k: Tensor, scale: Tensor, labels: Tensor, col_offset: int, symmetric: bool,
+    chunk_size: int, precision: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Triton twin of `infcl::chunked_fwd`: (row LSE, column LSE or [0], positive logit)."""
-    return lse_fwd(q, k, scale, labels, col_offset, want_col, precision)
+    """Triton twin of `infcl::chunked_fwd`: (row LSE, column LSE or [0], positive logit).
+
+    `chunk_size` is the torch tiles' argument, unused here: every block op takes the same
+    arguments, so the ring runs either without knowing which."""
+    return lse_fwd(q, k, scale, labels, col_offset, symmetric, precision)
 
 
 @inf_fwd.register_fake
-def _(q, k, scale, labels, col_offset, want_col, precision):
-    n_col = k.shape[0] if want_col else 0
+def inf_fwd_fake(q, k, scale, labels, col_offset, symmetric, chunk_size, precision):
+    n_col = k.shape[0] if symmetric else 0
     return (
         q.new_empty(q.shape[0], dtype=LSE_DTYPE),
         q.new_empty(n_col, dtype=LSE_DTYPE),

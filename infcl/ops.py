@@ -1,0 +1,261 @@
+"""The op layer: block ops, their autograd, and the one prologue/epilogue every loss runs.
+
+A block op pair computes one block of logits `scale * q @ k.T` without storing it:
+
+* `infcl::<block>_fwd(q, k, scale, labels, col_offset, symmetric, chunk_size, precision)
+  -> (row_lse [M], col_lse [N] or [0], pos [M])`: the row log-sum-exp, the column one when
+  symmetric, and the positive logit `S[i, labels[i] - col_offset]` (0 where it is not in the
+  block);
+* `infcl::<block>_bwd(q, k, scale, labels, col_offset, row_lse, col_lse, g_row, g_col, g_pos,
+  chunk_size, precision) -> (dq, dk, dscale)`.
+
+Two blocks exist: `"chunked"` (torch tiles, below) and `"inf"` (Triton tiles, `infcl/kernels/`).
+Each takes both tuning arguments and uses its own (`chunk_size`: torch tiles; `precision`:
+Triton), so the ring (`infcl/dist/ring.py`) runs either by name. `loss` is the shared
+prologue (scale, targets), one call into a block or the ring, and epilogue (`assemble`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from infcl.dist.ring import ring_fwd
+from infcl.kernels.numerics import LSE_DTYPE, acc_dtype, split_lse
+
+try:
+    from infcl.kernels.configs import INTERPRET
+    from infcl.kernels.lse_bwd import inf_bwd
+    from infcl.kernels.lse_fwd import inf_fwd
+
+    HAS_TRITON = True
+except ImportError:  # no triton on this platform: CPU tensors still work through torch tiles
+    HAS_TRITON, INTERPRET = False, False
+
+BLOCKS = ("chunked", "inf") if HAS_TRITON else ("chunked",)
+"""The block op pairs this installation has, by name."""
+
+
+DEFAULT_TILE_ELEMENTS = 1 << 22
+"""Default strip: about 4M logits (16 MiB in float32) per tile of `chunk_size` rows by N columns."""
+
+
+def default_chunk_size(m: int, n: int) -> int:
+    """Rows per strip when the caller gives none: a strip of about 4M logits, at least one row."""
+    return max(1, min(m, DEFAULT_TILE_ELEMENTS // max(n, 1)))
+
+
+def _strip_pos(st: Tensor, y: Tensor, n: int) -> Tensor:
+    """S[i, y_i] for the rows of a strip, 0 where y_i is not a column of this block (no OOB read)."""
+    hit = (y >= 0) & (y < n)
+    picked = st.gather(1, y.clamp(0, max(n - 1, 0))[:, None]).squeeze(1)
+    return torch.where(hit, picked, torch.zeros_like(picked))
+
+
+def _lse(st: Tensor, dim: int) -> Tensor:
+    """log-sum-exp along `dim` as `max + log(sum(exp(st - max)))`, summed in float64."""
+    mx = st.amax(dim, keepdim=True)
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))  # all -inf or inf: no NaN
+    total = torch.exp(st - mx).sum(dim).to(LSE_DTYPE)
+    return mx.squeeze(dim).to(LSE_DTYPE) + torch.log(total)
+
+
+@torch.library.custom_op("infcl::chunked_fwd", mutates_args=())
+def chunked_fwd(
+    q: Tensor, k: Tensor, scale: Tensor, labels: Tensor, col_offset: int, symmetric: bool,
+    chunk_size: int, precision: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Row LSE [M], column LSE [N] (or [0] unless symmetric) and positive logit [M] of one block.
+
+    `labels` are column indices shifted by `col_offset` (the block's first global column).
+    `precision` is the Triton tiles' argument, unused here (every block op takes the same).
+    """
+    acc = acc_dtype(q)
+    m, n = q.shape[0], k.shape[0]
+    cs = chunk_size if chunk_size > 0 else default_chunk_size(m, n)
+    s = scale.to(acc)
+    kt = k.to(acc).T
+    y = labels - col_offset
+    lse = dict(dtype=LSE_DTYPE, device=q.device)
+    row = torch.empty(m, **lse)
+    pos = torch.empty(m, dtype=acc, device=q.device)
+    col = torch.full((n if symmetric else 0,), float("-inf"), **lse)
+    if m == 0 or n == 0:
+        return row.fill_(float("-inf")), col, pos.zero_()
+    for a in range(0, m, cs):
+        b = min(a + cs, m)
+        st = (q[a:b].to(acc) @ kt) * s
+        row[a:b] = _lse(st, 1)
+        pos[a:b] = _strip_pos(st, y[a:b], n)
+        if symmetric:
+            col = torch.logaddexp(col, _lse(st, 0))
+    return row, col, pos
+
+
+@chunked_fwd.register_fake
+def chunked_fwd_fake(q, k, scale, labels, col_offset, symmetric, chunk_size, precision):
+    n_col = k.shape[0] if symmetric else 0
+    return (
+        q.new_empty(q.shape[0], dtype=LSE_DTYPE),
+        q.new_empty(n_col, dtype=LSE_DTYPE),
+        q.new_empty(q.shape[0], dtype=acc_dtype(q)),
+    )
+
+
+@torch.library.custom_op("infcl::chunked_bwd", mutates_args=())
+def chunked_bwd(
+    q: Tensor, k: Tensor, scale: Tensor, labels: Tensor, col_offset: int,
+    row_lse: Tensor, col_lse: Tensor, g_row: Tensor, g_col: Tensor, g_pos: Tensor,
+    chunk_size: int, precision: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dscale of `sum(g_row * row_lse + g_col * col_lse + g_pos * pos)` for one block.
+
+    The LSEs may be global ones (merged over other blocks): the softmax uses them as given. The
+    loss is symmetric when `col_lse` is not empty.
+    """
+    acc = acc_dtype(q)
+    m, n = q.shape[0], k.shape[0]
+    cs = chunk_size if chunk_size > 0 else default_chunk_size(m, n)
+    s = scale.to(acc)
+    kf = k.to(acc)
+    symmetric = col_lse.numel() > 0
+    r_hi, r_lo = split_lse(row_lse, acc)
+    c_hi, c_lo = split_lse(col_lse, acc)
+    g_row, g_col, g_pos = g_row.to(acc), g_col.to(acc), g_pos.to(acc)
+    y = labels - col_offset
+    hit = (y >= 0) & (y < n)
+    yc = y.clamp(0, max(n - 1, 0))
+    dq = torch.empty(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dscale = torch.zeros((), dtype=acc, device=q.device)
+    if n == 0:
+        dq.zero_()
+    for a in range(0, m if n > 0 else 0, cs):
+        b = min(a + cs, m)
+        qc = q[a:b].to(acc)
+        gc = qc @ kf.T
+        st = gc * s
+        ds = g_row[a:b, None] * torch.exp((st - r_hi[a:b, None]) - r_lo[a:b, None])
+        if symmetric:
+            ds = ds + g_col[None, :] * torch.exp((st - c_hi[None, :]) - c_lo[None, :])
+        gp = torch.where(hit[a:b], g_pos[a:b], torch.zeros_like(g_pos[a:b]))
+        ds = ds.scatter_add(1, yc[a:b, None], gp[:, None])  # [rows, N]: the logits' gradient
+        dq[a:b] = (ds @ kf) * s
+        dk += ds.T @ qc
+        dscale += (ds * gc).sum()  # elementwise, as the kernels do: <q, dS k> loses digits
+    return dq.to(q.dtype), (dk * s).to(k.dtype), dscale.to(scale.dtype)
+
+
+@chunked_bwd.register_fake
+def chunked_bwd_fake(
+    q, k, scale, labels, col_offset, row_lse, col_lse, g_row, g_col, g_pos, chunk_size, precision
+):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(scale)
+
+
+def _register_block_autograd(fwd_op, bwd_op) -> None:
+    """Make `fwd_op` differentiable in q, k and scale through `bwd_op` (no double backward)."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, scale, labels, col_offset, _symmetric, chunk_size, precision = inputs
+        row, col, _ = output
+        ctx.save_for_backward(q, k, scale, labels, row, col)
+        ctx.args = (col_offset, chunk_size, precision)
+
+    def backward(ctx, g_row, g_col, g_pos):
+        q, k, scale, labels, row, col = ctx.saved_tensors
+        col_offset, chunk_size, precision = ctx.args
+        g_row = torch.zeros_like(row) if g_row is None else g_row
+        g_col = torch.zeros_like(col) if g_col is None else g_col
+        g_pos = torch.zeros_like(row) if g_pos is None else g_pos
+        dq, dk, dscale = bwd_op(
+            q, k, scale, labels, col_offset, row, col, g_row, g_col, g_pos, chunk_size, precision
+        )
+        return dq, dk, dscale, None, None, None, None, None
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
+
+
+_register_block_autograd(chunked_fwd, chunked_bwd)
+if HAS_TRITON:
+    _register_block_autograd(inf_fwd, inf_bwd)
+
+
+@torch.library.custom_op("infcl::targets", mutates_args=())
+def targets(labels: Tensor, n: int, ignore_index: int) -> Tensor:
+    """`labels` as int64 column indices, after checking that each lies in [0, n) or is ignored.
+
+    An op, so that the check on the labels' values runs when a compiled graph runs too.
+    """
+    y = labels.to(torch.long, copy=True)  # a fresh tensor: an op's output may not alias its input
+    bad = ((y < 0) | (y >= n)) & (y != ignore_index)
+    if bool(bad.any()):
+        raise ValueError(
+            f"labels must lie in [0, {n}) or equal ignore_index={ignore_index}; "
+            f"got {y[bad][:5].tolist()}"
+        )
+    return y
+
+
+@targets.register_fake
+def targets_fake(labels, n, ignore_index):
+    return torch.empty_like(labels, dtype=torch.long)
+
+
+def scale_tensor(scale: float | Tensor, like: Tensor) -> Tensor:
+    """The scale as a 0-dim tensor on `like`'s device (differentiable when it is a tensor)."""
+    if isinstance(scale, Tensor):
+        return scale.to(like.device)
+    return torch.tensor(float(scale), dtype=acc_dtype(like), device=like.device)
+
+
+def assemble(
+    row_lse: Tensor, col_lse: Tensor, pos: Tensor, valid: Tensor | None, symmetric: bool,
+    reduction: str,
+) -> Tensor:
+    """Turn the pieces into the loss; autograd carries the gradients back to the pieces.
+
+    `valid` marks the rows that count (None: all). `col_lse` is used only when symmetric. The
+    LSEs are float64 (`LSE_DTYPE`); the loss comes out in the dtype of `pos`.
+    """
+    if symmetric:
+        per = (0.5 * ((row_lse - pos) + (col_lse - pos))).to(pos.dtype)
+    else:
+        per = (row_lse - pos).to(pos.dtype)
+        if valid is not None:
+            per = torch.where(valid, per, torch.zeros_like(per))
+    if reduction == "none":
+        return per
+    total = per.sum()
+    if reduction == "sum":
+        return total
+    if valid is None or symmetric:
+        return total / per.shape[0]
+    return total / valid.sum()
+
+
+def loss(
+    q: Tensor, k: Tensor, scale: float | Tensor, labels: Tensor | None, symmetric: bool,
+    reduction: str, ignore_index: int, *, block: str, group: dist.ProcessGroup | None = None,
+    chunk_size: int = 0, precision: str = "tf32",
+) -> Tensor:
+    """The loss through block op pair `block`: on this device, or around `group`'s ring when it
+    has more than one rank (arguments already validated by the front door)."""
+    s = scale_tensor(scale, q)
+    valid = None if labels is None else labels != ignore_index
+    if group is not None and dist.get_world_size(group) > 1:
+        diagonal = labels is None
+        y = q.new_empty(0, dtype=torch.long) if diagonal else labels
+        row, col, pos, _ = ring_fwd(
+            q, k, s, y, diagonal, symmetric, ignore_index, group.group_name, block, chunk_size,
+            precision,
+        )
+    else:
+        if labels is None:
+            y = torch.arange(q.shape[0], device=q.device)
+        else:
+            y = targets(labels, k.shape[0], ignore_index)
+        fwd = torch.ops.infcl.inf_fwd if block == "inf" else torch.ops.infcl.chunked_fwd
+        row, col, pos = fwd(q, k, s, y, 0, symmetric, chunk_size, precision)
+    return assemble(row, col, pos, valid, symmetric, reduction)
