@@ -89,7 +89,7 @@ class Problem:
     the message is joined only when the error is raised, in eager code.
     """
 
-    kind: type[Exception]
+    kind: str  # "TypeError" or "ValueError": a name, which Dynamo carries into an op as a constant
     parts: tuple[Part, ...]
 
     def raise_(self, group_name: str = "") -> Tensor:
@@ -97,8 +97,8 @@ class Problem:
         op that raises it when the compiled graph runs."""
         texts, nums, layout = _flatten(self.parts)
         if torch.compiler.is_compiling():
-            return torch.ops.infcl.reject(self.kind.__name__, texts, nums, layout, group_name)
-        _raise(self.kind.__name__, texts, nums, layout, group_name)
+            return torch.ops.infcl.reject(self.kind, texts, nums, layout, group_name)
+        _raise(self.kind, texts, nums, layout, group_name)
 
 
 _SEP = "\x1f"  # ASCII unit separator: op schemas take one str, not a list of them
@@ -201,80 +201,80 @@ def find_problem(
     left to the ring, which checks them on every rank at once.
     """
     if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
-        return Problem(TypeError, ("group must be None or a torch.distributed.ProcessGroup, got ",
+        return Problem("TypeError", ("group must be None or a torch.distributed.ProcessGroup, got ",
                                    _show(group)))
     shard = group_size(group) > 1
     for name, x in (("q", q), ("k", k)):
         if not isinstance(x, Tensor):
-            return Problem(TypeError, (name + " must be a torch.Tensor, got " + _type_name(x),))
+            return Problem("TypeError", (name + " must be a torch.Tensor, got " + _type_name(x),))
         if x.ndim != 2:
-            return Problem(ValueError, (name + " must be 2-D [rows, D], got ", *_desc(x)))
+            return Problem("ValueError", (name + " must be 2-D [rows, D], got ", *_desc(x)))
         if x.dtype not in FLOAT_DTYPES:
             return Problem(
-                TypeError, (name + " must be float16, bfloat16, float32 or float64, got ", *_desc(x))
+                "TypeError", (name + " must be float16, bfloat16, float32 or float64, got ", *_desc(x))
             )
     if q.dtype != k.dtype:
-        return Problem(TypeError, ("q and k must share a dtype: q ", *_desc(q), "; k ", *_desc(k)))
+        return Problem("TypeError", ("q and k must share a dtype: q ", *_desc(q), "; k ", *_desc(k)))
     if q.device != k.device:
-        return Problem(ValueError, ("q and k must share a device: q ", *_desc(q), "; k ", *_desc(k)))
+        return Problem("ValueError", ("q and k must share a device: q ", *_desc(q), "; k ", *_desc(k)))
     if q.shape[1] != k.shape[1]:
-        return Problem(ValueError, ("q and k must share D: q ", *_desc(q), "; k ", *_desc(k)))
+        return Problem("ValueError", ("q and k must share D: q ", *_desc(q), "; k ", *_desc(k)))
     if not shard and (q.shape[0] == 0 or k.shape[0] == 0):
-        return Problem(ValueError, ("empty batch: q ", *_desc(q), "; k ", *_desc(k)))
+        return Problem("ValueError", ("empty batch: q ", *_desc(q), "; k ", *_desc(k)))
     if q.shape[1] == 0:
-        return Problem(ValueError, ("D must be at least 1: q ", *_desc(q)))
+        return Problem("ValueError", ("D must be at least 1: q ", *_desc(q)))
     if isinstance(scale, bool) or not isinstance(scale, (int, float, Tensor)):
         return Problem(
-            TypeError, ("scale must be a Python number or a 0-dim tensor, got " + _type_name(scale),)
+            "TypeError", ("scale must be a Python number or a 0-dim tensor, got " + _type_name(scale),)
         )
     if isinstance(scale, Tensor):
         if scale.ndim != 0:
-            return Problem(ValueError, ("scale must be a 0-dim tensor, got ", *_desc(scale)))
+            return Problem("ValueError", ("scale must be a 0-dim tensor, got ", *_desc(scale)))
         if not scale.dtype.is_floating_point:
-            return Problem(TypeError, ("scale must be a floating tensor, got ", *_desc(scale)))
+            return Problem("TypeError", ("scale must be a floating tensor, got ", *_desc(scale)))
     if not isinstance(symmetric, bool):
-        return Problem(TypeError, ("symmetric must be a bool, got " + _type_name(symmetric),))
+        return Problem("TypeError", ("symmetric must be a bool, got " + _type_name(symmetric),))
     if not isinstance(reduction, str):
-        return Problem(TypeError, ("reduction must be a str, got " + _type_name(reduction),))
+        return Problem("TypeError", ("reduction must be a str, got " + _type_name(reduction),))
     if reduction not in REDUCTIONS:
         return Problem(
-            ValueError, ("reduction must be one of 'mean', 'sum', 'none', got ", _show(reduction))
+            "ValueError", ("reduction must be one of 'mean', 'sum', 'none', got ", _show(reduction))
         )
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        return Problem(TypeError, ("ignore_index must be an int, got " + _type_name(ignore_index),))
+        return Problem("TypeError", ("ignore_index must be an int, got " + _type_name(ignore_index),))
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
             return Problem(
-                TypeError, ("chunk_size must be None or an int, got ", _show(chunk_size))
+                "TypeError", ("chunk_size must be None or an int, got ", _show(chunk_size))
             )
         if chunk_size < 1:
-            return Problem(ValueError, ("chunk_size must be at least 1, got ", chunk_size))
+            return Problem("ValueError", ("chunk_size must be at least 1, got ", chunk_size))
     if not isinstance(precision, str):
-        return Problem(TypeError, ("precision must be a str, got " + _type_name(precision),))
+        return Problem("TypeError", ("precision must be a str, got " + _type_name(precision),))
     if precision not in PRECISIONS:
-        return Problem(ValueError, ("precision must be one of 'tf32', 'ieee', got ", _show(precision)))
+        return Problem("ValueError", ("precision must be one of 'tf32', 'ieee', got ", _show(precision)))
     m, n = q.shape[0], k.shape[0]
     if labels is None:
         if m != n and not shard:
-            return Problem(ValueError, (
+            return Problem("ValueError", (
                 "without labels the positives are the diagonal, so q and k need as many rows: q ",
                 *_desc(q), "; k ", *_desc(k),
             ))
         return None
     if symmetric:
-        return Problem(ValueError, ("symmetric=True uses the diagonal as positives; pass labels=None",))
+        return Problem("ValueError", ("symmetric=True uses the diagonal as positives; pass labels=None",))
     if not isinstance(labels, Tensor):
         return Problem(
-            TypeError, ("labels must be an integer tensor or None, got " + _type_name(labels),)
+            "TypeError", ("labels must be an integer tensor or None, got " + _type_name(labels),)
         )
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        return Problem(TypeError, ("labels must be an integer tensor, got ", *_desc(labels)))
+        return Problem("TypeError", ("labels must be an integer tensor, got ", *_desc(labels)))
     if labels.ndim != 1 or labels.shape[0] != m:
-        return Problem(ValueError, (
+        return Problem("ValueError", (
             "labels must have shape ", (m,), " to match q, got ", *_desc(labels),
         ))
     if labels.device != q.device:
-        return Problem(ValueError, (
+        return Problem("ValueError", (
             "labels must be on q's device " + str(q.device) + ", got ", *_desc(labels),
         ))
     return None
