@@ -128,6 +128,53 @@ def test_clip_loss_logit_bias_warns_once_and_cancels() -> None:
         loss_fn(img, txt, 14.0, logit_bias=torch.zeros(11))
 
 
+def test_clip_loss_takes_a_one_element_scale() -> None:
+    """open_clip's models may hand a `[1]` logit scale; its gradient keeps that shape."""
+    open_clip_loss = open_clip_loss_module()
+    img, txt = features(7, D, 8), features(7, D, 9)
+    scale = torch.full((1,), 11.0, dtype=torch.float64, requires_grad=True)
+    got = ClipLoss()(img, txt, scale)
+    torch.testing.assert_close(got, open_clip_loss.ClipLoss()(img, txt, scale.detach()))
+    got.backward()
+    assert scale.grad.shape == (1,)
+
+
+@pytest.mark.parametrize("bias", [math.nan, torch.tensor(math.nan)], ids=["float", "tensor"])
+def test_clip_loss_nan_bias_gives_nan(bias: Any) -> None:
+    img = features(5, D, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.isnan(ClipLoss()(img, img, 3.0, logit_bias=bias))
+
+
+@pytest.mark.parametrize(
+    ("bias", "error"),
+    [("1.0", TypeError), ([1.0], TypeError), (True, TypeError),
+     (torch.tensor(1), ValueError), (torch.zeros(2), ValueError)],
+    ids=["str", "list", "bool", "int-tensor", "two-elements"],
+)
+def test_clip_loss_rejects_a_bad_bias(bias: Any, error: type[Exception]) -> None:
+    img = features(5, D, 0)
+    with pytest.raises(error, match="logit_bias"):
+        ClipLoss()(img, img, 3.0, logit_bias=bias)
+
+
+@pytest.mark.parametrize("fn", [cal_inf_loss, cal_ring_loss, cal_flash_loss])
+@pytest.mark.parametrize(
+    ("labels", "error", "pattern"),
+    [(torch.zeros(6), TypeError, "integer"), (torch.zeros(6, dtype=torch.bool), TypeError, "integer"),
+     ([0] * 6, TypeError, "list"), (torch.tensor([0, 1, 2, 3, 4, -100]), ValueError, "-100"),
+     (torch.tensor([0, 1, 2, 3, 4, 6]), ValueError, r"\[0, 6\)")],
+    ids=["float", "bool", "list", "minus-100", "too-big"],
+)
+def test_cal_losses_reject_bad_labels(fn, labels, error, pattern) -> None:
+    """No silent truncation of float labels, and -100 is a label out of range for all three
+    (inf_cl has no ignore_index)."""
+    q = features(6, D, 1)
+    with pytest.raises(error, match=pattern):
+        fn(q, q, labels, 2.0)
+
+
 def test_clip_loss_rejects_what_it_cannot_honour() -> None:
     with pytest.raises(ValueError, match="Horovod"):
         ClipLoss(use_horovod=True)
@@ -262,6 +309,17 @@ def _unequal_shards(rank: int) -> str:
                      if not rel_err(x.detach(), y.detach()) <= 1e-10)
 
 
+def _local_in_group(rank: int) -> str:
+    """ClipLoss() (world_size=1, open_clip's default) inside a process group: this rank's batch
+    alone, as open_clip computes it, with no collective (only rank 0 calls it)."""
+    if rank != 0:
+        return ""
+    img, txt = features(B, D, 60), features(B, D, 61)
+    got = ClipLoss()(img, txt, 7.0)
+    want = naive_loss(img, txt, 7.0, symmetric=True)
+    return "" if torch.allclose(got, want, rtol=1e-12, atol=1e-12) else f"{got} vs {want}"
+
+
 def _flash_in_group(rank: int) -> str:
     """cal_flash_loss ignores the process group, as inf_cl's does: local rows against local keys."""
     q, k = features(4, D, 40 + rank), features(6, D, 50 + rank)
@@ -300,6 +358,7 @@ def _cases(rank: int) -> dict[str, str]:
                      lambda o=ours, w=with_labels: _ring_vs_inf_cl(inf_cl, rank, o, w))
     case("unequal shards", lambda: _unequal_shards(rank))
     case("flash in group", lambda: _flash_in_group(rank))
+    case("local in group", lambda: _local_in_group(rank))
     return out
 
 
@@ -372,3 +431,8 @@ def test_dist_cal_losses_match_inf_cl(dist_results: dict[str, list[str]]) -> Non
 def test_dist_cal_loss_unequal_shards_and_flash(dist_results: dict[str, list[str]]) -> None:
     _check(dist_results, "unequal shards")
     _check(dist_results, "flash in group")
+
+
+@pytest.mark.dist
+def test_dist_clip_loss_world_size_one_is_local(dist_results: dict[str, list[str]]) -> None:
+    _check(dist_results, "local in group")
