@@ -31,6 +31,7 @@ from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import torch
+from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -337,14 +338,15 @@ def grad_cache_step(
         loss_value = loss.detach()
         del emb_a, emb_b, loss, grads
 
-        def rows(g: Tensor | None, i: int) -> Tensor | None:
-            return None if g is None else g[i * micro_batch_size : (i + 1) * micro_batch_size]
+        # [B, d] -> [micro-batch, row, d]: micro-batch i's gradient rows are g[i]
+        g_a, g_b = (None if g is None else rearrange(g, "(n b) d -> n b d", n=n_micro)
+                    for g in (g_a, g_b))
 
         for i in range(n_micro):
             last = i == n_micro - 1
             with _maybe_no_sync(factories, not last):
                 ea, eb = encode_live(i)
-                pairs = [(ea, rows(g_a, i)), (eb, rows(g_b, i))]
+                pairs = [(ea, None if g_a is None else g_a[i]), (eb, None if g_b is None else g_b[i])]
                 _backward(pairs + g_others if last else pairs)  # the scale's joins the synced one
         after.restore()
         return loss_value
