@@ -324,12 +324,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if ddp is None:
             loss = infcl.grad_cache_step(
                 encode_image, encode_text, images, texts, loss_fn,
-                micro_batch_size=args.micro_batch_size, mode=args.mode, frozen_a=frozen)
+                micro_batch_size=args.micro_batch_size, mode=args.mode, frozen_a=frozen,
+                modules=model)
         else:
             loss = infcl.grad_cache_step(
                 encode_pair, None, images, texts, loss_fn,
                 micro_batch_size=args.micro_batch_size, mode=args.mode, frozen_a=frozen,
-                no_sync=ddp.no_sync)
+                no_sync=ddp.no_sync, modules=model)
         opt.step()
         sched.step()
         with torch.no_grad():
