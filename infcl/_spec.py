@@ -23,10 +23,10 @@ from torch import Tensor
 
 from infcl._typing import typechecked
 from infcl.dist.ring import share_status
+from infcl.kernels.configs import PRECISIONS
 from infcl.kernels.numerics import FLOAT_DTYPES
 
 REDUCTIONS = ("mean", "sum", "none")
-PRECISIONS = ("tf32", "ieee")
 
 SPEC_DOC = """
     Computes the contrastive (InfoNCE / CLIP) loss on `S = scale * q @ k.T` with float32
@@ -192,7 +192,7 @@ def find_problem(
     ignore_index: Any = -100,
     chunk_size: Any = None,
     group: Any = None,
-    precision: Any = "tf32",
+    precision: Any = None,
 ) -> Problem | None:
     """The first argument of a loss call that the contract rejects, or None.
 
@@ -249,10 +249,12 @@ def find_problem(
             )
         if chunk_size < 1:
             return Problem("ValueError", ("chunk_size must be at least 1, got ", chunk_size))
-    if not isinstance(precision, str):
-        return Problem("TypeError", ("precision must be a str, got " + _type_name(precision),))
-    if precision not in PRECISIONS:
-        return Problem("ValueError", ("precision must be one of 'tf32', 'ieee', got ", _show(precision)))
+    if precision is not None and not isinstance(precision, str):
+        return Problem("TypeError", ("precision must be None or a str, got " + _type_name(precision),))
+    if precision is not None and precision not in PRECISIONS:
+        return Problem(
+            "ValueError", ("precision must be None, 'ieee', 'tf32x3' or 'tf32', got ", _show(precision))
+        )
     m, n = q.shape[0], k.shape[0]
     if labels is None:
         if m != n and not shard:

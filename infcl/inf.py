@@ -32,7 +32,7 @@ def inf_loss(
     reduction: str = "mean",
     ignore_index: int = -100,
     group: dist.ProcessGroup | None = None,
-    precision: str = "tf32",
+    precision: str | None = None,
 ) -> Loss:
     """Contrastive loss from fused Triton tiles: the fastest exact path, memory linear in B."""
     return ops.loss(
@@ -61,7 +61,16 @@ describe(
         group: process group for the ring across devices, e.g.
             `torch.distributed.group.WORLD` (None, the default: this device alone, even when
             a process group is initialised).
-        precision: float32 inputs only: `"tf32"` (default, tensor cores, about 1e-3 relative
-            error on logits) or `"ieee"` (full fp32 products, several times slower).
+        precision: how float32 inputs are multiplied (bf16 and fp16 ignore it). None (the
+            default) follows `torch.get_float32_matmul_precision()` when the loss runs:
+            "highest" (PyTorch's default) takes `"tf32x3"`, "high" and "medium" take
+            `"tf32"`. `"ieee"`: IEEE fp32 products (the slowest); `"tf32x3"`: three TF32
+            products per product on the tensor cores, about fp32's accuracy; `"tf32"`: one
+            TF32 product with inputs rounded to nearest, as cuBLAS does with TF32 allowed
+            (about 1e-3 relative error per logit, fastest).
+
+    Autocast: inside `torch.autocast`, float32 inputs are computed in the autocast dtype (bf16
+    or fp16 tensor cores), as a matmul under autocast is; the loss is float32 and the
+    gradients come back in float32.
     """,
 )

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from infcl.dist.ring import ring_fwd
-from infcl.kernels.numerics import LSE_DTYPE, acc_dtype, split_lse
+from infcl.kernels.numerics import LSE_DTYPE, acc_dtype, autocast_off, split_lse
 
 try:
     from infcl.kernels.configs import INTERPRET
@@ -62,6 +62,7 @@ def _lse(st: Tensor, dim: int) -> Tensor:
 
 
 @torch.library.custom_op("infcl::chunked_fwd", mutates_args=())
+@autocast_off
 def chunked_fwd(
     q: Tensor, k: Tensor, scale: Tensor, labels: Tensor, col_offset: int, symmetric: bool,
     chunk_size: int, precision: str,
@@ -104,6 +105,7 @@ def chunked_fwd_fake(q, k, scale, labels, col_offset, symmetric, chunk_size, pre
 
 
 @torch.library.custom_op("infcl::chunked_bwd", mutates_args=())
+@autocast_off
 def chunked_bwd(
     q: Tensor, k: Tensor, scale: Tensor, labels: Tensor, col_offset: int,
     row_lse: Tensor, col_lse: Tensor, g_row: Tensor, g_col: Tensor, g_pos: Tensor,
@@ -238,10 +240,18 @@ def assemble(
 def loss(
     q: Tensor, k: Tensor, scale: float | Tensor, labels: Tensor | None, symmetric: bool,
     reduction: str, ignore_index: int, *, block: str, group: dist.ProcessGroup | None = None,
-    chunk_size: int = 0, precision: str = "tf32",
+    chunk_size: int = 0, precision: str | None = None,
 ) -> Tensor:
     """The loss through block op pair `block`: on this device, or around `group`'s ring when it
-    has more than one rank (arguments already validated by the front door)."""
+    has more than one rank (arguments already validated by the front door).
+
+    Under autocast, fp32 features are computed in the autocast dtype (as autocast runs a matmul;
+    the loss stays fp32 and their gradients come back fp32). `precision=None` follows PyTorch's
+    float32 matmul precision, read when the op runs."""
+    if q.dtype == torch.float32 and torch.is_autocast_enabled(q.device.type):
+        low = torch.get_autocast_dtype(q.device.type)
+        q, k = q.to(low), k.to(low)
+    precision = "default" if precision is None else precision
     s = scale_tensor(scale, q)
     valid = None if labels is None else labels != ignore_index
     if group is not None and dist.get_world_size(group) > 1:

@@ -4,6 +4,8 @@ fallback on a plain CPU run. Also the Inf-CL defects of ANCHORS.md that apply to
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,7 +56,8 @@ def check(p: Problem, dtype: torch.dtype, device: str, **kw) -> None:
     kwargs = p.kwargs()
     if kwargs["labels"] is not None:
         kwargs["labels"] = kwargs["labels"].to(device)
-    tf32 = dtype == torch.float32 and device == "cuda" and kw.get("precision", "tf32") == "tf32"
+    precision = configs.resolve_precision(kw.get("precision") or "default")
+    tf32 = dtype == torch.float32 and device == "cuda" and precision == "tf32"
     floor = FLOOR["tf32" if tf32 else dtype]
     # The backward recomputes S with other tile shapes than the forward, so S may differ from
     # the forward's by an ulp: probabilities then carry an absolute error of about eps * |S|
@@ -200,14 +203,39 @@ def test_bad_precision_is_rejected():
         infcl.inf_loss(torch.randn(3, 2), torch.randn(3, 2), precision="fp64")
 
 
+CUDA_CASES = [(torch.bfloat16, None), (torch.float16, None)] + [
+    (torch.float32, precision) for precision in configs.PRECISIONS
+]
+
+
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("dtype", "precision"), CUDA_CASES, ids=str)
 @settings(max_examples=15)
 @given(p=problems(rows=st.integers(1, 600) | st.sampled_from([1, 97, 257, 513])))
 @example(p=Problem(m=300, n=300, d=47, symmetric=True, scale=100.0, unit=True, seed=3))
-def test_kernels_match_naive_cuda(dtype, p):
-    check(p, dtype, "cuda")
+@example(p=Problem(m=130, n=130, d=1030, symmetric=True, scale=100.0, unit=True, seed=5))
+@example(p=Problem(m=31, n=40, d=20, labels=tuple([3, -100] * 15 + [39]), reduction="sum"))
+def test_kernels_match_naive_cuda(dtype, precision, p):
+    check(p, dtype, "cuda", precision=precision)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize(("dtype", "precision"), CUDA_CASES, ids=str)
+@pytest.mark.parametrize(
+    "p",
+    [Problem(m=4099, n=4099, d=384, symmetric=True, scale=14.3, unit=True, seed=6),
+     Problem(m=8200, n=8300, d=200, labels=None, scale=30.0, unit=True, seed=7),
+     Problem(m=130, n=130, d=1030, scale=100.0, unit=True, seed=8, scale_is_tensor=True)],
+    ids=["4099-sym", "8200x8300", "130-d1030"],
+)
+def test_large_shapes_cuda(dtype, precision, p):
+    """Shapes past the 128/256 tiles and the 8192 backward block, at every precision."""
+    if p.m != p.n:
+        gen = torch.Generator().manual_seed(p.seed)
+        p = dataclasses.replace(p, labels=tuple(torch.randint(0, p.n, (p.m,), generator=gen).tolist()))
+    check(p, dtype, "cuda", precision=precision)
 
 
 @pytest.mark.gpu

@@ -177,7 +177,7 @@ def test_bad_chunk_size_raises(fn, chunk_size, error, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize(("precision", "error"), [("fast", ValueError), (None, TypeError)])
+@pytest.mark.parametrize(("precision", "error"), [("fast", ValueError), (32, TypeError)])
 @pytest.mark.parametrize(
     "fn", [f for f in LOSSES if _has_param(f, "precision")], ids=lambda f: f.__name__
 )

@@ -21,6 +21,24 @@ class Tile:
     num_stages: int
 
 
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+"""How fp32 inputs are multiplied: IEEE fp32 products, three TF32 products per product (about
+fp32's accuracy on the tensor cores), or TF32 with inputs rounded to nearest as cuBLAS does.
+bf16 and fp16 inputs always go to the tensor cores as they are."""
+
+HIGHEST = "tf32x3"
+"""What `torch.get_float32_matmul_precision() == "highest"` (PyTorch's default) selects."""
+
+
+def resolve_precision(precision: str) -> str:
+    """`precision`, or for "default" the one PyTorch's float32 matmul precision asks for:
+    "highest" -> `HIGHEST`, "high" and "medium" -> "tf32". Read when the op runs, so a compiled
+    graph follows the setting of the moment."""
+    if precision != "default":
+        return precision
+    return HIGHEST if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
 INTERPRET_TILE = Tile(16, 16, 16, 1, 1)
 """Small tiles under the interpreter keep CPU tests fast and make several tiles (and ragged
 edges) appear even at small shapes."""

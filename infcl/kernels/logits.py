@@ -16,15 +16,25 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
+def _round_tf32(x):
+    """fp32 -> the nearest TF32 value (ties away from zero), as cuBLAS rounds its TF32 inputs.
+    `tl.dot(input_precision="tf32")` truncates instead, which biases every product low."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, rounded)  # a NaN with a full mantissa would carry into the sign
+
+
+@triton.jit
 def qk_tile(
     q_ptr, k_ptr, o_m, o_n, m_m, m_n, D, stride_qm, stride_qd, stride_kn, stride_kd,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,  # the interpreter computes low-precision dots wrongly: go through fp32
-    IS_FP32: tl.constexpr,  # fp32 inputs take PRECISION ("tf32" or "ieee"); others ignore it
+    IS_FP32: tl.constexpr,  # fp32 inputs take PRECISION ("ieee", "tf32x3", "tf32"); others ignore it
     PRECISION: tl.constexpr,
 ):
     """`q[o_m] @ k[o_n].T` unscaled, fp32 `[BLOCK_M, BLOCK_N]`; masked rows and columns are 0.
-    Both stages call it, so the backward recomputes the forward's logits the same way."""
+    Both stages call it, so the backward recomputes the forward's logits the same way. With
+    PRECISION "tf32" the fp32 inputs are rounded to TF32 first (see `_round_tf32`)."""
     b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for start_d in range(0, D, BLOCK_D):
         o_d = start_d + tl.arange(0, BLOCK_D)
@@ -35,6 +45,8 @@ def qk_tile(
         b_k = tl.load(p_k, mask=m_d[:, None] & m_n[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
         if UPCAST:
             b_acc = tl.dot(b_q.to(tl.float32), b_k.to(tl.float32), b_acc, input_precision="ieee")
+        elif IS_FP32 and PRECISION == "tf32":
+            b_acc = tl.dot(_round_tf32(b_q), _round_tf32(b_k), b_acc, input_precision="tf32")
         elif IS_FP32:
             b_acc = tl.dot(b_q, b_k, b_acc, input_precision=PRECISION)
         else:
@@ -44,7 +56,7 @@ def qk_tile(
 
 @contextlib.contextmanager
 def matmul_precision(precision: str) -> Iterator[None]:
-    """cuBLAS follows the fp32 precision asked for (TF32 unless "ieee"); restored on exit."""
+    """cuBLAS follows the fp32 precision asked for (TF32 only for "tf32"); restored on exit."""
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     try:

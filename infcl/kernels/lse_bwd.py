@@ -3,8 +3,8 @@ two GEMMs take dq and dk from it.
 
 For each square block of at most `BWD_BLOCK x BWD_BLOCK` logits, `_ds_kernel` recomputes the
 tiles with `tl.dot`, forms `dS = g_row * softmax_row + g_col * softmax_col + g_pos * onehot`,
-and writes `dS / g_max` in the input dtype (dividing by the largest incoming gradient keeps fp16
-away from underflow) along with per-program partial sums of `dS * (q @ k.T)`, which give dscale
+and writes dS in the input dtype (fp16 as `dS / g_max`: dividing by the largest incoming
+gradient keeps it away from underflow) along with per-program partial sums of `dS * (q @ k.T)`, which give dscale
 exactly in fp32. cuBLAS then adds `dS @ k` into an fp32 dq block and `dS.T @ q` into an fp32 dk
 accumulator. Memory: one block of dS, the fp32 dk accumulator, O(M + N) statistics.
 """
@@ -19,7 +19,7 @@ from torch import Tensor
 from infcl.kernels import configs
 from infcl.kernels.configs import INTERPRET, Tile, bwd_tile, split
 from infcl.kernels.logits import LOG2E, addmm32_, matmul_precision, qk_tile
-from infcl.kernels.numerics import split_lse
+from infcl.kernels.numerics import autocast_off, split_lse
 
 
 @triton.jit
@@ -41,7 +41,7 @@ def _ds_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SYMMETRIC: tl.constexpr,  # the symmetric loss also backpropagates through the column LSE
     UPCAST: tl.constexpr,  # the interpreter computes low-precision dots wrongly: go through fp32
-    IS_FP32: tl.constexpr,  # fp32 inputs take PRECISION ("tf32" or "ieee"); others ignore it
+    IS_FP32: tl.constexpr,  # fp32 inputs take PRECISION (see configs.PRECISIONS); others ignore it
     PRECISION: tl.constexpr,
     PRECISE: tl.constexpr,  # fp32 inputs: subtract the LSE in two exact steps (see _softmax)
 ):
@@ -89,6 +89,7 @@ def ds_bwd(
     """dq, dk, dscale of `sum(g_row * row_lse + g_col * col_lse + g_pos * pos)` for one block.
 
     The loss is symmetric when `col_lse` is not empty."""
+    precision = configs.resolve_precision(precision)
     m, n, d = q.shape[0], k.shape[0], q.shape[1]
     f32 = dict(dtype=torch.float32, device=q.device)
     dq = torch.zeros_like(q)
@@ -97,9 +98,14 @@ def ds_bwd(
     if m == 0 or n == 0:
         return dq, dk32.to(k.dtype), dscale.to(scale.dtype)
     symmetric = col_lse.numel() > 0
-    g_all = [g_row.abs().amax(), g_pos.abs().amax()] + ([g_col.abs().amax()] if symmetric else [])
-    g_max = torch.stack(g_all).amax().float()
-    g_max = torch.where(g_max > 0, g_max, torch.ones_like(g_max))
+    if q.dtype == torch.float16:  # dS / g_max keeps fp16 dS away from underflow
+        g_all = [g_row.abs().amax(), g_pos.abs().amax()] + (
+            [g_col.abs().amax()] if symmetric else []
+        )
+        g_max = torch.stack(g_all).amax().float()
+        g_max = torch.where(g_max > 0, g_max, torch.ones_like(g_max))
+    else:  # bf16 and fp32 have fp32's range: no scaling, and no rounding of its own
+        g_max = torch.ones((), **f32)
     inv_g = (1.0 / g_max).reshape(1)
     s = scale.detach().to(torch.float32).reshape(1)
     # autograd hands in expanded (stride-0) gradients; the kernel indexes them as dense vectors
@@ -147,6 +153,7 @@ def ds_bwd(
 
 
 @torch.library.custom_op("infcl::inf_bwd", mutates_args=())
+@autocast_off
 def inf_bwd(
     q: Tensor, k: Tensor, scale: Tensor, labels: Tensor, col_offset: int,
     row_lse: Tensor, col_lse: Tensor, g_row: Tensor, g_col: Tensor, g_pos: Tensor,

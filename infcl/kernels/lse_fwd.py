@@ -17,7 +17,7 @@ from torch import Tensor
 from infcl.kernels import configs
 from infcl.kernels.configs import INTERPRET, Tile, fwd_tile, split
 from infcl.kernels.logits import LOG2E, qk_tile
-from infcl.kernels.numerics import LSE_DTYPE
+from infcl.kernels.numerics import LSE_DTYPE, autocast_off
 
 
 @triton.jit
@@ -27,7 +27,7 @@ def _lse_fwd_kernel(
     stride_qm, stride_qd, stride_kn, stride_kd,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,  # the interpreter computes low-precision dots wrongly: go through fp32
-    IS_FP32: tl.constexpr,  # fp32 inputs take PRECISION ("tf32" or "ieee"); others ignore it
+    IS_FP32: tl.constexpr,  # fp32 inputs take PRECISION (see configs.PRECISIONS); others ignore it
     PRECISION: tl.constexpr,
 ):
     pid_p = tl.program_id(0).to(tl.int64)
@@ -102,6 +102,7 @@ def lse_fwd(
     precision: str, tile: Tile | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(row LSE [M], column LSE [N] or [0], positive logit [M]); LSEs float64, pos fp32."""
+    precision = configs.resolve_precision(precision)
     row, pos = lse_rows(q, k, scale, labels, col_offset, precision, tile)
     if symmetric:
         col, _ = lse_rows(k, q, scale, None, 0, precision, tile)
@@ -111,6 +112,7 @@ def lse_fwd(
 
 
 @torch.library.custom_op("infcl::inf_fwd", mutates_args=())
+@autocast_off
 def inf_fwd(
     q: Tensor, k: Tensor, scale: Tensor, labels: Tensor, col_offset: int, symmetric: bool,
     chunk_size: int, precision: str,

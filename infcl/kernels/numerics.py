@@ -3,8 +3,14 @@ and the log-sum-exp statistics' dtype and split."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import torch
 from torch import Tensor
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 """The input dtypes every loss accepts."""
@@ -25,3 +31,15 @@ def split_lse(lse: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """`lse` as `hi + lo` in `dtype`: `(S - hi) - lo` is then accurate where `S - lse` matters."""
     hi = lse.to(dtype)
     return hi, (lse - hi.to(lse.dtype)).to(dtype)
+
+
+def autocast_off(fn: F) -> F:
+    """For the bodies of the block ops: autocast stays active inside a custom op and would
+    re-cast the products they compute in the dtypes they chose (fp32 logits of bf16 inputs)."""
+
+    @functools.wraps(fn)
+    def wrapper(q: Tensor, *args: Any) -> Any:
+        with torch.autocast(q.device.type, enabled=False):
+            return fn(q, *args)
+
+    return wrapper  # type: ignore[return-value]
