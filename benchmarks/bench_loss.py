@@ -1,62 +1,108 @@
-"""Single-GPU benchmark: infcl.inf_loss against naive (bf16, fp32) and inf_cl 1.2.1.
+"""Single-GPU benchmark: `infcl.inf_loss` against `infcl.naive_loss`, open_clip's `ClipLoss` and
+inf_cl 1.2.1's `cal_inf_loss`.
 
-Writes one long-format CSV (impl, metric, B, D, dtype, value, p20, p50, p80, card, versions,
-commit, date) and prints a short table last. A variant whose correctness check fails against
-float64 naive is not timed. Run: `python benchmarks/bench_loss.py --out DIR [--quick]`.
+Every method computes the CLIP loss of B unit-norm random pairs (D = --d, scale 20 as a tensor
+that requires grad), symmetric unless it says otherwise; a step is forward + backward:
+
+* `infcl_inf`       `infcl.inf_loss(q, k, s, symmetric=True)` (Triton tiles; bf16, fp16, fp32 in TF32)
+* `infcl_inf_1dir`  `infcl.inf_loss(q, k, s)`: one direction
+* `infcl_inf_ieee`  `infcl.inf_loss(q, k, s, symmetric=True, precision="ieee")`: fp32 products
+* `infcl_chunked`   `infcl.chunked_loss(q, k, s, symmetric=True)` (torch tiles)
+* `naive_loss`      `infcl.naive_loss(q, k, s, symmetric=True)`: the spec, B x B fp32 logits
+* `open_clip`       `open_clip.loss.ClipLoss()(q, k, s)`: what a user writes without infcl, the
+  B x B logits in the input dtype (runs before this harness called this `naive`)
+* `inf_cl_1.2.1`    `(cal_inf_loss(q, k, y, scale=s) + cal_inf_loss(k, q, y, scale=s)) / 2`,
+  y = arange(B); fp32 only (it upcasts anyway)
+
+Correctness first: every method and dtype passes `harness.gate` at B=1000, D=300 (inf_cl at
+B=1024, D=512, where it is defined) or is not timed. Timing: `harness.bench` (do_bench, p20 /
+p50 / p80 in ms); memory: peak allocated above the inputs during one step (`peak_gib`).
+FLOP rates: `tflops_floor` on the `8 B^2 D` floor of a fused symmetric loss, `tflops_exec` on
+what infcl executes. Matmul rates (`matmul`/`tflops`, 8192^3) put them in context.
+
+Writes `bench_loss.csv` in --out (the long format of `harness.FIELDS`), prints a table last.
+Run: `python benchmarks/bench_loss.py --out DIR [--quick]`; a CPU dry run of the harness:
+`python benchmarks/bench_loss.py --device cpu --sizes 256 --out /tmp/b`.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
-import math
 import os
-import subprocess
-import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
+import harness
 import torch
-import torch.nn.functional as F
-import triton
-import triton.testing
+from torch import Tensor
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import infcl  # noqa: E402
+import infcl
 
 try:
+    from open_clip.loss import ClipLoss
+except ImportError:  # the baseline is optional
+    ClipLoss = None
+try:
     from inf_cl import cal_inf_loss
-except Exception:  # the baseline is optional
+except ImportError:  # the baseline is optional
     cal_inf_loss = None
 
-
-def commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
-        return os.environ.get("INFCL_COMMIT", "unknown")
+SCALE = 20.0  # timing
+CHECK_SCALE = 30.0  # correctness check
+ALL = 1 << 62  # no batch limit
 
 
-def naive_lowp(q, k, s):
-    """What a user writes without infcl: logits in the input dtype, both directions."""
-    logits = s * q @ k.T
-    y = torch.arange(q.shape[0], device=q.device)
-    return 0.5 * (F.cross_entropy(logits, y) + F.cross_entropy(logits.T, y))
-
-
-def infcl_sym(q, k, s):
+def infcl_inf(q: Tensor, k: Tensor, s: Tensor) -> Tensor:
     return infcl.inf_loss(q, k, s, symmetric=True)
 
 
-def infcl_one(q, k, s):
+def infcl_inf_1dir(q: Tensor, k: Tensor, s: Tensor) -> Tensor:
     return infcl.inf_loss(q, k, s)
 
 
-def infcl_chunked(q, k, s):
+def infcl_inf_ieee(q: Tensor, k: Tensor, s: Tensor) -> Tensor:
+    return infcl.inf_loss(q, k, s, symmetric=True, precision="ieee")
+
+
+def infcl_chunked(q: Tensor, k: Tensor, s: Tensor) -> Tensor:
     return infcl.chunked_loss(q, k, s, symmetric=True)
 
 
-def infcl_sym_ieee(q, k, s):
-    return infcl.inf_loss(q, k, s, symmetric=True, precision="ieee")
+def naive(q: Tensor, k: Tensor, s: Tensor) -> Tensor:
+    return infcl.naive_loss(q, k, s, symmetric=True)
+
+
+def open_clip_loss(q: Tensor, k: Tensor, s: Tensor) -> Tensor:
+    return ClipLoss()(q, k, s)
+
+
+def inf_cl_loss(q: Tensor, k: Tensor, s: Tensor) -> Tensor:
+    y = torch.arange(q.shape[0], device=q.device)
+    return 0.5 * (cal_inf_loss(q, k, y, scale=s) + cal_inf_loss(k, q, y, scale=s))
+
+
+@dataclass(frozen=True)
+class Method:
+    fn: Callable[[Tensor, Tensor, Tensor], Tensor]
+    dtypes: dict[torch.dtype, int]  # dtype -> largest B timed
+    symmetric: bool = True
+    tf32: bool = False  # float32 products run in TF32: judged with helpers.FLOOR["tf32"]
+    exec_flop: int | None = None  # FLOP executed per B^2 D (infcl), for tflops_exec
+    check: tuple[int, int] = (1000, 300)  # B, D of the correctness check
+
+
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+METHODS = {
+    "infcl_inf": Method(infcl_inf, {BF16: ALL, FP16: 65536, FP32: ALL}, tf32=True, exec_flop=10),
+    "infcl_inf_1dir": Method(infcl_inf_1dir, {BF16: 262144}, symmetric=False, exec_flop=8),
+    "infcl_inf_ieee": Method(infcl_inf_ieee, {FP32: 65536}, exec_flop=10),
+    "infcl_chunked": Method(infcl_chunked, {BF16: 65536}, exec_flop=8),
+    "naive_loss": Method(naive, {BF16: 65536, FP32: 65536}),
+    "open_clip": Method(open_clip_loss, {BF16: 65536, FP32: 65536}),
+    # inf_cl needs D % 256 == 0 and misreads its LSE buffers when B % 64 != 0 (ANCHORS.md
+    # defects 4 and 5): it is checked where it is defined. Its fp32 dots run in TF32.
+    "inf_cl_1.2.1": Method(inf_cl_loss, {FP32: 65536}, tf32=True, check=(1024, 512)),
+}
 
 
 def single_process_group() -> None:
@@ -67,190 +113,109 @@ def single_process_group() -> None:
         dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29531", rank=0, world_size=1)
 
 
-def inf_cl_sym(q, k, s):
-    y = torch.arange(q.shape[0], device=q.device)
-    return 0.5 * (cal_inf_loss(q, k, y, scale=s) + cal_inf_loss(k, q, y, scale=s))
+def time_point(fn, b: int, d: int, dtype: torch.dtype, device: torch.device, rep_ms: int):
+    """((p20, p50, p80) ms, peak GiB above the inputs) of forward + backward at batch b."""
+    q = harness.unit_rows(b, d, dtype, 2 * b, device).requires_grad_()
+    k = harness.unit_rows(b, d, dtype, 2 * b + 1, device).requires_grad_()
+    s = torch.tensor(SCALE, device=device, requires_grad=True)
 
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def grads(fn, q, k, s):
-    q = q.detach().requires_grad_()
-    k = k.detach().requires_grad_()
-    s = s.detach().requires_grad_()
-    loss = fn(q, k, s)
-    loss.backward()
-    return loss.detach(), q.grad, k.grad, s.grad
-
-
-def check(fn, dtype, b=1000, d=300, gen=None, sym=True):
-    """Errors of fn against float64 naive, next to naive's own error in the same dtype."""
-    q = F.normalize(torch.randn(b, d, generator=gen, device="cuda"), dim=-1).to(dtype)
-    k = F.normalize(torch.randn(b, d, generator=gen, device="cuda"), dim=-1).to(dtype)
-    s = torch.tensor(30.0, device="cuda")
-
-    def ref(q, k, s):
-        return infcl.naive_loss(q, k, s, symmetric=sym)
-
-    truth = grads(ref, q.double(), k.double(), s.double())
-    mine = grads(fn, q, k, s)
-    base = grads(naive_lowp if sym else (lambda q, k, s: F.cross_entropy(
-        s * q @ k.T, torch.arange(q.shape[0], device=q.device))), q, k, s)
-    out = []
-    for name, x, y, t in zip(("loss", "dq", "dk", "dscale"), mine, base, truth):
-        ex, ey = rel(x, t), rel(y, t)
-        ok = math.isfinite(ex) and ex <= 2 * ey + {torch.float32: 2e-3}.get(dtype, 1e-2)
-        out.append((name, ex, ey, ok))
-    return out
-
-
-def time_step(fn, b, d, dtype, rep_ms):
-    gen = torch.Generator(device="cuda").manual_seed(b)
-    q = F.normalize(torch.randn(b, d, generator=gen, device="cuda"), dim=-1).to(dtype)
-    k = F.normalize(torch.randn(b, d, generator=gen, device="cuda"), dim=-1).to(dtype)
-    q.requires_grad_()
-    k.requires_grad_()
-    s = torch.tensor(20.0, device="cuda", requires_grad=True)
-
-    def step():
+    def step() -> None:
         q.grad = k.grad = s.grad = None
         fn(q, k, s).backward()
 
-    torch.cuda.synchronize()
     step()  # warm-up and compile
     q.grad = k.grad = s.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-    ms = triton.testing.do_bench(step, warmup=max(rep_ms // 4, 1), rep=rep_ms,
-                                 quantiles=[0.2, 0.5, 0.8])
-    torch.cuda.empty_cache()
-    return ms, peak
-
-
-def matmul_rate(dtype):
-    a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
-    b = torch.randn(8192, 8192, device="cuda", dtype=dtype)
-    ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
-    return 2 * 8192**3 / ms / 1e9
+    with harness.peak_above(device) as peak:
+        step()
+    return harness.bench(step, device, rep_ms), peak[0]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/out")
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="B = 8192 and 65536 only")
     ap.add_argument("--d", type=int, default=512)
     ap.add_argument("--methods", nargs="*", help="only these methods (default: all)")
     ap.add_argument("--sizes", nargs="*", type=int, help="batch sizes (default: 8192 .. 262144)")
     ap.add_argument("--no-big", action="store_true", help="skip the B = 2**20 point")
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run of the harness")
     args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    card = torch.cuda.get_device_name()
-    meta = dict(card=card, torch=torch.__version__, triton=triton.__version__, commit=commit(),
-                date=datetime.date.today().isoformat())
-    rows = []
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    out = harness.Csv(os.path.join(args.out, "bench_loss.csv"), dev)
 
-    def rec(impl, metric, b, dtype, value, p20="", p80=""):
-        rows.append(dict(impl=impl, metric=metric, B=b, D=args.d, dtype=str(dtype).split(".")[-1],
-                         value=value, p20=p20, p50=value, p80=p80, **meta))
-        print(f"{impl:16s} {metric:10s} B={b:<8} {str(dtype):15s} {value:.4g}", flush=True)
+    def rec(impl, metric, b, dtype, value, p20="", p80="", d=args.d):
+        out.add(impl, metric, b, d, dtype, value, p20, p80)
+        print(f"{impl:16s} {metric:12s} B={b:<8} {harness.dname(dtype):9s} {value:.4g}", flush=True)
 
-    for dt in (torch.bfloat16, torch.float32):
-        torch.backends.cuda.matmul.allow_tf32 = dt == torch.float32
-        rec("matmul", "tflops", 8192, dt, matmul_rate(dt))
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 matmul rate is the TF32 one
+    for dt in (BF16, FP32) if cuda else ():
+        rec("matmul", "tflops", 8192, dt, harness.matmul_tflops(dt, dev))
+    torch.backends.cuda.matmul.allow_tf32 = False  # torch fp32 baselines are plain fp32
 
-    methods = {
-        "infcl_inf": (infcl_sym, (torch.bfloat16, torch.float16, torch.float32), True),
-        "infcl_inf_1dir": (infcl_one, (torch.bfloat16,), False),
-        "infcl_inf_ieee": (infcl_sym_ieee, (torch.float32,), True),
-        "infcl_chunked": (infcl_chunked, (torch.bfloat16,), True),
-        "naive": (naive_lowp, (torch.bfloat16, torch.float32), True),
-    }
-    if cal_inf_loss is not None:
-        single_process_group()
-        methods["inf_cl_1.2.1"] = (inf_cl_sym, (torch.float32,), True)
+    methods = dict(METHODS)
+    missing = {"open_clip": "" if ClipLoss is not None else "open_clip is not installed",
+               "inf_cl_1.2.1": "inf_cl is not installed" if cal_inf_loss is None else
+               "" if cuda else "inf_cl needs CUDA"}
+    for name, why in missing.items():
+        if why:
+            print(f"{name} unavailable: {why}")
+            rec(name, "unavailable", 0, next(iter(methods[name].dtypes)), float("nan"))
+            methods.pop(name)
     if args.methods:
-        methods = {k: v for k, v in methods.items() if k in args.methods}
-    gen = torch.Generator(device="cuda").manual_seed(0)
+        methods = {n: m for n, m in methods.items() if n in args.methods}
+    if "inf_cl_1.2.1" in methods:
+        single_process_group()
+
     passed = set()
-    for name, (fn, dtypes, sym) in methods.items():
-        for dt in dtypes:
-            # inf_cl needs D % 256 == 0 and misreads its LSE buffers when B % 64 != 0
-            # (ANCHORS.md defects 4 and 5): check it where it is defined
-            shape = dict(b=1024, d=512) if name.startswith("inf_cl") else dict(b=1000, d=300)
+    for name, m in methods.items():
+        for dt in m.dtypes:
+            cb, cd = m.check
+            q = harness.unit_rows(cb, cd, dt, 1, dev)
+            k = harness.unit_rows(cb, cd, dt, 2, dev)
+            s = torch.tensor(CHECK_SCALE, device=dev)
             try:
-                res = check(fn, dt, gen=gen, sym=sym, **shape)
+                verdict = harness.gate(m.fn, q, k, s, tf32=m.tf32, symmetric=m.symmetric)
             except Exception as e:  # a baseline that cannot run is reported, not fatal
                 print(f"check {name} {dt} raised {type(e).__name__}: {e}")
+                rec(name, "check_failed", cb, dt, float("nan"), d=cd)
                 continue
-            for metric, ex, ey, ok in res:
-                rec(name, f"err_{metric}", shape["b"], dt, ex)
-                rec(f"naive_same_dtype/{name}", f"err_{metric}", shape["b"], dt, ey)
-            if all(ok for *_, ok in res) or name == "naive":
+            for metric, (e_impl, e_ref) in verdict.errors.items():
+                rec(name, f"err_{metric}", cb, dt, e_impl, d=cd)
+                rec(f"naive_same_dtype/{name}", f"err_{metric}", cb, dt, e_ref, d=cd)
+            if verdict.ok:
                 passed.add((name, dt))
             else:
-                print(f"NOT TIMED: {name} {dt} failed its check: {res}")
+                rec(name, "check_failed", cb, dt, 1.0, d=cd)
+                print(f"NOT TIMED: {name} {dt} is off the spec in {verdict.failed}:\n  "
+                      + "\n  ".join(verdict.lines))
 
-    sizes = [8192, 32768, 65536, 131072, 262144]
-    if args.quick:
-        sizes = [8192, 65536]
-    if args.sizes:
-        sizes = args.sizes
-    limits = {"naive": 65536, "infcl_chunked": 65536, "inf_cl_1.2.1": 65536,
-              "infcl_inf_ieee": 65536, "infcl_inf_1dir": 262144}
-    for b in sizes:
-        for name, (fn, dtypes, _sym) in methods.items():
-            for dt in dtypes:
-                if (name, dt) not in passed or b > limits.get(name, 1 << 30):
-                    continue
-                if name == "infcl_inf" and dt == torch.float16 and b > 65536:
-                    continue
-                rep = 200 if b <= 65536 else 1
-                try:
-                    ms, peak = time_step(fn, b, args.d, dt, rep)
-                except torch.OutOfMemoryError:
-                    rec(name, "oom", b, dt, float("nan"))
-                    torch.cuda.empty_cache()
-                    continue
-                rec(name, "ms", b, dt, ms[1], ms[0], ms[2])
-                rec(name, "peak_gib", b, dt, peak)
-                flop = (10 if name.startswith("infcl_inf") and name != "infcl_inf_1dir" else 8)
-                rec(name, "tflops_floor", b, dt, 8 * b * b * args.d / ms[1] / 1e9)
-                if name.startswith("infcl"):
-                    rec(name, "tflops_exec", b, dt, flop * b * b * args.d / ms[1] / 1e9)
-    if not (args.quick or args.no_big) and "infcl_inf" in methods:
-        for b in (1 << 20,):
-            try:
-                ms, peak = time_step(infcl_sym, b, args.d, torch.bfloat16, 1)
-                rec("infcl_inf", "ms", b, torch.bfloat16, ms[1])
-                rec("infcl_inf", "peak_gib", b, torch.bfloat16, peak)
-            except torch.OutOfMemoryError:
-                rec("infcl_inf", "oom", b, torch.bfloat16, float("nan"))
+    sizes = args.sizes or ([8192, 65536] if args.quick else [8192, 32768, 65536, 131072, 262144])
+    points = [(b, name, dt) for b in sizes for name, m in methods.items()
+              for dt, most in m.dtypes.items() if b <= most]
+    if cuda and not (args.quick or args.no_big) and "infcl_inf" in methods:
+        points.append((1 << 20, "infcl_inf", BF16))
+    for b, name, dt in points:
+        if (name, dt) not in passed:
+            continue
+        m = methods[name]
+        try:
+            (p20, p50, p80), peak = time_point(m.fn, b, args.d, dt, dev, 200 if b <= 65536 else 1)
+        except torch.OutOfMemoryError:
+            rec(name, "oom", b, dt, float("nan"))
+            harness.free_memory(dev)
+            continue
+        harness.free_memory(dev)
+        rec(name, "ms", b, dt, p50, p20, p80)
+        rec(name, "peak_gib", b, dt, peak)
+        rec(name, "tflops_floor", b, dt, 8 * b * b * args.d / p50 / 1e9)
+        if m.exec_flop:
+            rec(name, "tflops_exec", b, dt, m.exec_flop * b * b * args.d / p50 / 1e9)
 
-    path = os.path.join(args.out, "bench_loss.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"\nwrote {path}  ({card}, torch {torch.__version__}, triton {triton.__version__})")
-    print(f"{'impl':16s} {'dtype':9s} " + " ".join(f"{b:>14d}" for b in sizes))
-    for name, (_, dtypes, _) in methods.items():
-        for dt in dtypes:
-            cells = []
-            for b in sizes:
-                t = [r["value"] for r in rows if r["impl"] == name and r["B"] == b
-                     and r["dtype"] == str(dt).split(".")[-1] and r["metric"] == "ms"]
-                m = [r["value"] for r in rows if r["impl"] == name and r["B"] == b
-                     and r["dtype"] == str(dt).split(".")[-1] and r["metric"] == "peak_gib"]
-                cells.append(f"{t[0]:7.1f}ms/{m[0]:4.2f}G" if t else f"{'-':>14s}")
-            print(f"{name:16s} {str(dt).split('.')[-1]:9s} " + " ".join(f"{c:>14s}" for c in cells))
+    print(f"\nwrote {out.path}  ({out.meta['card']}, torch {torch.__version__}, "
+          f"triton {harness.TRITON_VERSION}); cells: p50 ms / peak GiB above the inputs")
+    for line in harness.table(out.rows, sorted({b for b, _, _ in points})):
+        print(line)
 
 
 if __name__ == "__main__":

@@ -1,30 +1,33 @@
 """Multi-GPU benchmark: the ring (`infcl.inf_loss`, `infcl.ring_loss`) against inf_cl 1.2.1's ring
-and an open_clip-style all-gather loss, plus single-GPU references for the scaling efficiency.
+and open_clip's all-gather `ClipLoss`, plus single-GPU references for the scaling efficiency.
 
 Launch (one process per GPU, NCCL; `NCCL_NVLS_ENABLE=0` is set unless already given):
 
-    torchrun --nproc-per-node W benchmarks/bench_ring.py --out DIR [--sizes ...] [--d 512]
+    torchrun --nproc-per-node W benchmarks/bench_ring.py --out DIR [--sizes ...] [--dim 512]
 
-Without CUDA it runs on gloo/CPU (a dry run of the harness: use small `--sizes`).
+Without CUDA it runs on gloo/CPU (a dry run of the harness: use small `--sizes`, e.g.
+`torchrun --nproc-per-node 2 benchmarks/bench_ring.py --sizes 256 --extra-sizes --check-b 64
+--check-d 16 --dim 32 --out /tmp/r`).
 
 Every method computes the symmetric CLIP loss on the GLOBAL batch of B pairs, split evenly over the
 W ranks (b = B // W rows of q and of k per rank, bf16 unless the method says otherwise, unit-norm
-random rows, scale 20 as a tensor that requires grad), forward + backward per step:
+random rows, scale 20 as a tensor that requires grad), forward + backward per step. infcl's
+losses are distributed only when given a group (`group=None` is this device alone), so the ring
+methods pass `group=torch.distributed.group.WORLD`:
 
-* `infcl_inf`   `infcl.inf_loss(q, k, s, symmetric=True, group=None)`: Triton tiles per ring step.
-* `infcl_ring`  `infcl.ring_loss(q, k, s, symmetric=True)`: torch tiles per ring step (one size).
+* `infcl_inf`   `infcl.inf_loss(q, k, s, symmetric=True, group=WORLD)`: Triton tiles per ring step.
+* `infcl_ring`  `infcl.ring_loss(q, k, s, symmetric=True, group=WORLD)`: torch tiles per ring step.
 * `inf_cl_1.2.1` `(cal_inf_loss(q, k, y, s) + cal_inf_loss(k, q, y, s)) / 2`, y = local arange
   (its labels index the local key shard); fp32 inputs only (it upcasts anyway), B <= --inf-cl-max.
-* `allgather_bf16` / `allgather_fp32`: what open_clip's `ClipLoss(local_loss=True,
-  gather_with_grad=True)` does: features all-gathered WITH gradient
-  (`torch.distributed.nn.functional.all_gather`), logits of the local rows against all gathered
-  columns and of the local columns against all gathered rows, `F.cross_entropy` with labels
-  offset by rank * b. bf16: inputs bf16 under `torch.autocast(bf16)` (bf16 logits, cross-entropy
-  in fp32, as a user gets); fp32: plain fp32 (no TF32). O(b * B) memory: 'oom' when it fails.
+* `allgather_bf16` / `allgather_fp32`: `open_clip.loss.ClipLoss(local_loss=True,
+  gather_with_grad=True, rank=r, world_size=W)`: features all-gathered WITH gradient, logits of
+  the local rows against all gathered columns and of the local columns against all gathered
+  rows. bf16: inputs bf16 under `torch.autocast(bf16)` (bf16 logits, cross-entropy in fp32, as a
+  user gets); fp32: plain fp32 (no TF32). O(b * B) memory: 'oom' when it fails.
 
 Single-GPU references for the scaling efficiency (issue 4: single-GPU time for the same per-GPU
-work / ring time). Each runs on every rank at once, each rank alone (a process group of one, so
-`inf_loss` takes its single-device path), and like everything else reports the max over ranks:
+work / ring time). Each runs on every rank at once, each rank alone (`group=None`), and like
+everything else reports the max over ranks:
 
 * `ref1gpu_local_1dir`  `inf_loss(q_local[b], k_all[B], s, labels=arange(b) + rank * b)`: the
   q->k direction of this rank's rows against all B columns, NOT symmetric (the symmetric ring
@@ -35,112 +38,75 @@ work / ring time). Each runs on every rank at once, each rank alone (a process g
   (ref ms / W) / ring ms.
 
 Correctness comes first: at B = --check-b (D = --check-d; inf_cl at D = 512 where it is defined)
-every method's loss and gradients on every rank are compared with float64 `naive_loss` on the
-gathered batch, under the DDP convention of `infcl.ring_loss`: each rank returns its local mean,
-and dq, dk, dscale are its share of the gradient of the SUM over ranks of the returned losses
-(`err_dscale` compares the sum over ranks of the dscale shares with the total). inf_cl all-reduces
-the scale's gradient (ANCHORS.md defect 2), so every rank holds the total: its `err_dscale` is
-about W - 1 and it is gated on `err_dscale_allreduced` (each rank's dscale against the total)
-instead. A method whose check fails (relative error above 2e-2 in bf16, 5e-3 in fp32) is not
-timed.
+every method's loss and gradients on every rank are judged by `helpers.judge` (tests/helpers.py,
+through the harness: `err <= 2 * err(naive_loss in the same dtype) + FLOOR`) against float64
+`naive_loss` on the gathered batch, under the DDP convention of `infcl.ring_loss`: each rank
+returns its local mean, and dq, dk, dscale are its share of the gradient of the SUM over ranks
+of the returned losses (`err_dscale` judges the sum over ranks of the dscale shares against the
+total). inf_cl all-reduces the scale's gradient (ANCHORS.md defect 2), so every rank holds the
+total: its `err_dscale` judges that total, and `err_dscale_shares_summed` (about W - 1) records
+what the DDP convention makes of it. The single-GPU references are judged as `bench_loss.py`
+judges a loss. `naive_same_dtype/<method>` rows hold naive's own errors. A method whose verdict
+fails on any rank is not timed (`check_failed`).
 
 Timing: one warm-up step, then N timed steps (20 up to B = 65536, 10 up to 131072, 5 up to
 262144, 3 above; 3 for the slow infcl_ring and inf_cl), each after a barrier, timed with CUDA
-events; `p20/p50/p80` are per-rank quantiles, maxed over ranks. Memory: after the warm-up the
-grads are dropped and the cache emptied; `peak_gib` is the max over ranks of
-(max_memory_allocated during the timed steps - memory_allocated before them), i.e. above the
-inputs (the input gradients count). `inputs_gib` is the bytes of this method's q and k on one rank,
+events (`harness.bench_collective`: do_bench's per-process repeat count would deadlock the ring);
+`p20/p50/p80` are per-rank quantiles, maxed over ranks. Memory: `peak_gib` is the max over ranks
+of the peak allocated during the timed steps above what was allocated before them (the inputs;
+the input gradients count). `inputs_gib` is the bytes of this method's q and k on one rank,
 `peak_over_inputs` their ratio. A run whose predicted time would pass --budget-s (from the same
 method at a smaller B, scaled by B^2) is skipped (`skipped_budget`, value = predicted seconds).
 The all-gather baselines are first checked against free memory (16 bytes per logit of the b x B
 blocks: `oom_predicted`, value = predicted GiB); a caught torch.OutOfMemoryError gives `oom`.
 
-Output: long-format `bench_ring.csv` in --out (rewritten after every record, so a run cut short
-keeps what it measured): impl, metric, B, D, dtype, world, value, p20, p50, p80, card, torch,
-triton, commit, date. Metrics: ms, peak_gib, inputs_gib, peak_over_inputs, tflops_floor_per_gpu
-(8 B^2 D / W FLOP per GPU per step), eff_vs_*, err_* (check), check_failed, oom, oom_predicted,
-skipped_budget, error, unavailable; matmul/tflops (bf16 8192^3, min over ranks). A table
-(rows = method and dtype, columns = B, cells ms/GiB) is printed last.
+Output: long-format `bench_ring.csv` in --out (`harness.FIELDS`, rewritten after every record,
+so a run cut short keeps what it measured). Metrics: ms, peak_gib, inputs_gib, peak_over_inputs,
+tflops_floor_per_gpu (8 B^2 D / W FLOP per GPU per step), eff_vs_*, err_* (check),
+check_failed, oom, oom_predicted, skipped_budget, error, unavailable; matmul/tflops (bf16
+8192^3, min over ranks). A table (rows = method and dtype, columns = B, cells ms/GiB) is
+printed last.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import gc
 import math
 import os
-import subprocess
 import sys
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import harness
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
-import torch.nn.functional as F
+from harness import helpers
+from torch import Tensor
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import infcl  # noqa: E402
+import infcl
 
 try:
-    import triton
-
-    TRITON_VERSION = triton.__version__
-except Exception:
-    TRITON_VERSION = "none"
-
+    from open_clip.loss import ClipLoss
+except ImportError:  # the baseline is optional
+    ClipLoss = None
 try:
     from inf_cl import cal_inf_loss
 
     INF_CL_ERROR = ""
-except Exception as e:  # the baseline is optional
+except ImportError as e:  # the baseline is optional
     cal_inf_loss = None
     INF_CL_ERROR = f"{type(e).__name__}: {e}"
 
 T0 = time.time()
-# open_clip still calls torch.distributed.nn.functional.all_gather; so does the baseline here
+# open_clip still calls torch.distributed.nn.functional.all_gather
 warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
-FIELDS = ["impl", "metric", "B", "D", "dtype", "world", "value", "p20", "p50", "p80", "card",
-          "torch", "triton", "commit", "date"]
-TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float32: 5e-3}
 SCALE = 20.0  # timing
 CHECK_SCALE = 30.0  # correctness check (as bench_loss.py)
 REF_LOCAL, REF_GLOBAL = "ref1gpu_local_1dir", "ref1gpu_global_sym"
-
-
-# ----------------------------------------------------------------------------- pure helpers
-
-
-def commit() -> str:
-    env = os.environ.get("INFCL_COMMIT")
-    if env:
-        return env
-    try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-        ).strip()
-    except Exception:
-        return "unknown"
-
-
-def dname(dtype: torch.dtype) -> str:
-    return str(dtype).split(".")[-1]
-
-
-def quantile(xs: list[float], p: float) -> float:
-    """Linear-interpolation quantile of a short list (as numpy's default)."""
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    pos = p * (len(s) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+ERRS = ("loss", "dq", "dk", "dscale")
 
 
 def timed_steps(b: int, slow: bool = False) -> int:
@@ -172,54 +138,6 @@ def predicted_seconds(prior: list[tuple[int, float]], b: int, steps: int) -> flo
     return ms * (b / b0) ** 2 * steps / 1000.0
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def table(rows: list[dict], sizes: list[int]) -> list[str]:
-    """Rows = method and dtype, columns = B, cells 'ms/GiB' (or oom / skip / -)."""
-    keys: list[tuple[str, str]] = []
-    cell: dict[tuple[str, str, int], str] = {}
-    ms: dict[tuple[str, str, int], float] = {}
-    gib: dict[tuple[str, str, int], float] = {}
-    for r in rows:
-        if r["impl"] == "matmul" or r["metric"] not in (
-                "ms", "peak_gib", "oom", "oom_predicted", "skipped_budget", "error"):
-            continue
-        key = (r["impl"], r["dtype"])
-        if key not in keys:
-            keys.append(key)
-        k3 = (*key, int(r["B"]))
-        if r["metric"] == "ms":
-            ms[k3] = float(r["value"])
-        elif r["metric"] == "peak_gib":
-            gib[k3] = float(r["value"])
-        else:
-            cell[k3] = {"oom_predicted": "oom*", "skipped_budget": "skip"}.get(r["metric"],
-                                                                                r["metric"])
-    out = [f"{'impl':22s} {'dtype':9s} " + " ".join(f"{b:>15d}" for b in sizes)]
-    for key in keys:
-        cells = []
-        for b in sizes:
-            k3 = (*key, b)
-            if k3 in ms:
-                g = gib.get(k3, float("nan"))
-                cells.append(f"{ms[k3]:.1f}/{g:.2f}")
-            else:
-                cells.append(cell.get(k3, "-"))
-        out.append(f"{key[0]:22s} {key[1]:9s} " + " ".join(f"{c:>15s}" for c in cells))
-    effs = sorted({r["metric"] for r in rows if r["metric"].startswith("eff_vs_")})
-    for metric in effs:
-        vals = {int(r["B"]): float(r["value"]) for r in rows
-                if r["metric"] == metric and r["impl"] == "infcl_inf"}
-        label = metric.replace("eff_vs_ref1gpu_", "eff vs 1 GPU ").replace("_div_W", " / W")
-        out.append(f"{label:32s} "
-                   + " ".join(f"{vals[b]:>15.3f}" if b in vals else f"{'-':>15s}"
-                              for b in sizes))
-    return out
-
-
 # ----------------------------------------------------------------------------- the methods
 
 
@@ -229,26 +147,15 @@ class Ctx:
     world: int
     dev: torch.device
     cuda: bool
-    solo: dist.ProcessGroup  # this rank alone: inf_loss then takes its single-device path
-
-
-def allgather_loss(q, k, s, ctx: Ctx):
-    """open_clip ClipLoss(local_loss=True, gather_with_grad=True), written out."""
-    b = q.shape[0]
-    all_q = torch.cat(dist_nn.all_gather(q))
-    all_k = torch.cat(dist_nn.all_gather(k))
-    y = torch.arange(b, device=q.device) + ctx.rank * b
-    logits_q = s * q @ all_k.T  # local rows x all columns
-    logits_k = s * k @ all_q.T  # local columns x all rows
-    return 0.5 * (F.cross_entropy(logits_q, y) + F.cross_entropy(logits_k, y))
+    group: dist.ProcessGroup  # the ring's group: every rank
 
 
 def m_infcl_inf(q, k, s, y, ctx):
-    return infcl.inf_loss(q, k, s, symmetric=True, group=None)
+    return infcl.inf_loss(q, k, s, symmetric=True, group=ctx.group)
 
 
 def m_infcl_ring(q, k, s, y, ctx):
-    return infcl.ring_loss(q, k, s, symmetric=True)
+    return infcl.ring_loss(q, k, s, symmetric=True, group=ctx.group)
 
 
 def m_inf_cl(q, k, s, y, ctx):
@@ -256,21 +163,25 @@ def m_inf_cl(q, k, s, y, ctx):
     return 0.5 * (cal_inf_loss(q, k, lab, scale=s) + cal_inf_loss(k, q, lab, scale=s))
 
 
+def open_clip_allgather(ctx: Ctx):
+    return ClipLoss(local_loss=True, gather_with_grad=True, rank=ctx.rank, world_size=ctx.world)
+
+
 def m_allgather_bf16(q, k, s, y, ctx):
     with torch.autocast(ctx.dev.type, dtype=torch.bfloat16):
-        return allgather_loss(q, k, s, ctx)
+        return open_clip_allgather(ctx)(q, k, s)
 
 
 def m_allgather_fp32(q, k, s, y, ctx):
-    return allgather_loss(q, k, s, ctx)
+    return open_clip_allgather(ctx)(q, k, s)
 
 
 def m_ref_local(q, k, s, y, ctx):
-    return infcl.inf_loss(q, k, s, labels=y, group=ctx.solo)
+    return infcl.inf_loss(q, k, s, labels=y, group=None)
 
 
 def m_ref_global(q, k, s, y, ctx):
-    return infcl.inf_loss(q, k, s, symmetric=True, group=ctx.solo)
+    return infcl.inf_loss(q, k, s, symmetric=True, group=None)
 
 
 @dataclass
@@ -281,13 +192,15 @@ class Method:
     fn: Callable
     slow: bool = False
     check_d: int | None = None  # D of the correctness check (None: --check-d)
+    tf32: bool = False  # float32 products in TF32: judged with helpers.FLOOR["tf32"]
+    dscale_allreduced: bool = False  # every rank already holds the total dscale (inf_cl)
 
 
 METHODS = {
     "infcl_inf": Method("infcl_inf", torch.bfloat16, "ring", m_infcl_inf),
     "infcl_ring": Method("infcl_ring", torch.bfloat16, "ring", m_infcl_ring, slow=True),
     "inf_cl_1.2.1": Method("inf_cl_1.2.1", torch.float32, "ring", m_inf_cl, slow=True,
-                           check_d=512),
+                           check_d=512, tf32=True, dscale_allreduced=True),
     "allgather_bf16": Method("allgather_bf16", torch.bfloat16, "ring", m_allgather_bf16),
     "allgather_fp32": Method("allgather_fp32", torch.float32, "ring", m_allgather_fp32),
     REF_LOCAL: Method(REF_LOCAL, torch.bfloat16, "local", m_ref_local),
@@ -298,15 +211,10 @@ METHODS = {
 # ----------------------------------------------------------------------------- collectives
 
 
-def sync(ctx: Ctx) -> None:
-    if ctx.cuda:
-        torch.cuda.synchronize(ctx.dev)
-
-
 def line_up(ctx: Ctx) -> None:
-    sync(ctx)
+    harness.sync(ctx.dev)
     dist.barrier()
-    sync(ctx)
+    harness.sync(ctx.dev)
 
 
 def agree(ctx: Ctx, ok: bool) -> bool:
@@ -324,96 +232,83 @@ def max_over_ranks(ctx: Ctx, values: list[float]) -> list[float]:
     return [v if math.isfinite(v) else float("nan") for v in t.tolist()]
 
 
-def gather_rows(ctx: Ctx, x: torch.Tensor) -> torch.Tensor:
+def gather_rows(ctx: Ctx, x: Tensor) -> Tensor:
     parts = [torch.empty_like(x) for _ in range(ctx.world)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
 
 
-def unit(rows: int, d: int, dtype: torch.dtype, seed: int, dev: torch.device) -> torch.Tensor:
-    g = torch.Generator(device=dev).manual_seed(seed)
-    x = torch.randn(rows, d, generator=g, device=dev)
-    return F.normalize(x, dim=-1).to(dtype)
-
-
-def free_memory(ctx: Ctx) -> int:
-    gc.collect()
-    if not ctx.cuda:
-        return 1 << 62
-    torch.cuda.empty_cache()
-    return torch.cuda.mem_get_info(ctx.dev)[0]
-
-
-def method_inputs(m: Method, ctx: Ctx, b_global: int, d: int, seed: int, dtype=None):
+def method_inputs(m: Method, ctx: Ctx, b_global: int, d: int, seed: int):
     """(q, k, labels) of one rank for method m at global batch b_global."""
-    dtype = dtype or m.dtype
-    w, r, dev = ctx.world, ctx.rank, ctx.dev
+    w, r, dev, dt = ctx.world, ctx.rank, ctx.dev, m.dtype
     b = b_global // w
     if m.kind == "ring":
-        return (unit(b, d, dtype, seed + 2 * r, dev), unit(b, d, dtype, seed + 2 * r + 1, dev),
-                None)
+        return (harness.unit_rows(b, d, dt, seed + 2 * r, dev),
+                harness.unit_rows(b, d, dt, seed + 2 * r + 1, dev), None)
+    k_all = harness.unit_rows(b_global, d, dt, seed - 1, dev)
     if m.kind == "local":
         y = torch.arange(b, device=dev) + r * b
-        return unit(b, d, dtype, seed + 2 * r, dev), unit(b_global, d, dtype, seed - 1, dev), y
-    return unit(b_global, d, dtype, seed - 2, dev), unit(b_global, d, dtype, seed - 1, dev), None
+        return harness.unit_rows(b, d, dt, seed + 2 * r, dev), k_all, y
+    return harness.unit_rows(b_global, d, dt, seed - 2, dev), k_all, None
 
 
 # ----------------------------------------------------------------------------- check
 
 
-def check(m: Method, ctx: Ctx, b_global: int, d: int) -> dict[str, float]:
-    """Max over ranks of the relative errors against float64 naive on the gathered batch."""
+def ring_reference(q_all: Tensor, k_all: Tensor, scale: Tensor, rank: int, b: int,
+                   dtype: torch.dtype) -> helpers.Result:
+    """naive_loss in `dtype` on the gathered batch, in the ring's DDP convention: this rank's
+    mean, the dq and dk of its rows and columns in the gradient of the sum over ranks of the
+    local means, and the whole dscale."""
+    q = q_all.detach().to(dtype).requires_grad_()
+    k = k_all.detach().to(dtype).requires_grad_()
+    s = scale.detach().to(torch.float64 if dtype == torch.float64 else scale.dtype)
+    s.requires_grad_()
+    per = infcl.naive_loss(q, k, s, symmetric=True, reduction="none")
+    (per.sum() / b).backward()
+    rows = slice(rank * b, (rank + 1) * b)
+    return helpers.Result(per[rows].mean().detach(), q.grad[rows], k.grad[rows], s.grad)
+
+
+def check(m: Method, ctx: Ctx, b_global: int, d: int) -> tuple[bool, dict[str, float]]:
+    """(this rank's verdict, errors by metric name) of method m against float64 naive_loss."""
     w, r, dev = ctx.world, ctx.rank, ctx.dev
     b = b_global // w
-    q_loc = unit(b, d, m.dtype, 1000 + 2 * r, dev)
-    k_loc = unit(b, d, m.dtype, 1001 + 2 * r, dev)
+    q_loc = harness.unit_rows(b, d, m.dtype, 1000 + 2 * r, dev)
+    k_loc = harness.unit_rows(b, d, m.dtype, 1001 + 2 * r, dev)
     q_all, k_all = gather_rows(ctx, q_loc), gather_rows(ctx, k_loc)
-    if m.kind == "ring":
-        q, k, y = q_loc, k_loc, None
-    elif m.kind == "local":
-        q, k, y = q_loc, k_all, torch.arange(b, device=dev) + r * b
+    s = torch.tensor(CHECK_SCALE, dtype=torch.float32, device=dev)
+    extra: dict[str, float] = {}
+    if m.kind == "local":
+        y = torch.arange(b, device=dev) + r * b
+        verdict = harness.gate(lambda q, k, s: m.fn(q, k, s, y, ctx), q_loc, k_all, s,
+                               tf32=m.tf32, labels=y)
+    elif m.kind == "global":
+        verdict = harness.gate(lambda q, k, s: m.fn(q, k, s, None, ctx), q_all, k_all, s,
+                               tf32=m.tf32, symmetric=True)
     else:
-        q, k, y = q_all, k_all, None
-
-    s64 = torch.tensor(CHECK_SCALE, dtype=torch.float64, device=dev, requires_grad=True)
-    if m.kind == "ring":
-        qd = q_all.double().requires_grad_()
-        kd = k_all.double().requires_grad_()
-        per = infcl.naive_loss(qd, kd, s64, symmetric=True, reduction="none")
-        (per.sum() / b).backward()  # the sum over ranks of the local means
-        rows = slice(r * b, (r + 1) * b)
-        t_loss, t_dq, t_dk = per[rows].mean(), qd.grad[rows], kd.grad[rows]
-    else:
-        qd = q.double().requires_grad_()
-        kd = k.double().requires_grad_()
-        t_loss = infcl.naive_loss(qd, kd, s64, labels=y, symmetric=y is None)
-        t_loss.backward()
-        t_dq, t_dk = qd.grad, kd.grad
-    t_ds = s64.grad
-
-    qm = q.detach().clone().requires_grad_()
-    km = k.detach().clone().requires_grad_()
-    sm = torch.tensor(CHECK_SCALE, dtype=torch.float32, device=dev, requires_grad=True)
-    loss = m.fn(qm, km, sm, y, ctx)
-    loss.backward()
-    ds = sm.grad.detach().double().clone()
-    e_ds_own = rel(ds, t_ds)
-    if m.kind == "ring":
-        dist.all_reduce(ds)  # the shares add up to the total
-    errs = [rel(loss, t_loss), rel(qm.grad, t_dq), rel(km.grad, t_dk), rel(ds, t_ds), e_ds_own]
-    errs = [e if math.isfinite(e) else 1e30 for e in errs]
-    names = ["err_loss", "err_dq", "err_dk", "err_dscale", "err_dscale_allreduced"]
-    out = dict(zip(names, max_over_ranks(ctx, errs), strict=True))
-    if not m.name.startswith("inf_cl"):  # only inf_cl keeps the total on every rank
-        del out["err_dscale_allreduced"]
-    return out
-
-
-def check_passes(m: Method, errs: dict[str, float]) -> bool:
-    gate = ["err_loss", "err_dq", "err_dk"]
-    # inf_cl all-reduces the scale's gradient (defect 2): judge it by its own convention
-    gate.append("err_dscale_allreduced" if m.name.startswith("inf_cl") else "err_dscale")
-    return all(errs[g] <= TOL[m.dtype] for g in gate)
+        truth = ring_reference(q_all, k_all, s, r, b, torch.float64)
+        ref = ring_reference(q_all, k_all, s, r, b, m.dtype)
+        got = helpers.run(lambda q, k, s: m.fn(q, k, s, None, ctx), q_loc, k_loc, s)
+        ds = got.dscale.detach().double().clone()
+        summed = ds.clone()
+        dist.all_reduce(summed)  # the DDP convention: the shares add up to the total
+        if m.dscale_allreduced:
+            extra["err_dscale_shares_summed"] = helpers.rel_err(summed, truth.dscale)
+        else:
+            ds = summed
+        verdict = helpers.judge(got._replace(dscale=ds), ref, truth, dtype=m.dtype,
+                                floor=harness.floor(m.dtype, m.tf32))
+    errs = {}
+    for name in ERRS:
+        e_impl, e_ref = verdict.errors.get(name, (math.inf, math.inf))
+        errs[f"err_{name}"], errs[f"ref_err_{name}"] = e_impl, e_ref
+    if not verdict.ok:
+        print(f"[rank {r}] {m.name} off the spec in {verdict.failed}:\n  "
+              + "\n  ".join(verdict.lines), flush=True)
+    errs |= extra
+    values = max_over_ranks(ctx, [e if math.isfinite(e) else 1e30 for e in errs.values()])
+    return agree(ctx, verdict.ok), dict(zip(errs, values, strict=True))
 
 
 # ----------------------------------------------------------------------------- timing
@@ -425,7 +320,7 @@ def measure(m: Method, ctx: Ctx, b_global: int, d: int, n_timed: int) -> dict:
 
     def release() -> None:
         inp.clear()
-        free_memory(ctx)
+        harness.free_memory(ctx.dev)
 
     ok = True
     try:
@@ -440,7 +335,7 @@ def measure(m: Method, ctx: Ctx, b_global: int, d: int, n_timed: int) -> dict:
         release()
         return dict(status="oom")
     res: dict = dict(status="ok", inputs_gib=sum(
-        inp[n].numel() * inp[n].element_size() for n in ("q", "k")) / 2**30)
+        inp[n].numel() * inp[n].element_size() for n in ("q", "k")) / harness.GIB)
 
     def drop_grads() -> None:
         for n in ("q", "k", "s"):
@@ -450,38 +345,18 @@ def measure(m: Method, ctx: Ctx, b_global: int, d: int, n_timed: int) -> dict:
         drop_grads()
         m.fn(inp["q"], inp["k"], inp["s"], inp["y"], ctx).backward()
 
-    def attempt(n: int) -> list[float]:
-        out = []
-        for _ in range(n):
-            line_up(ctx)
-            if ctx.cuda:
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                step()
-                end.record()
-                end.synchronize()
-                out.append(start.elapsed_time(end))
-            else:
-                t = time.perf_counter()
-                step()
-                out.append((time.perf_counter() - t) * 1e3)
-        return out
-
     times: list[float] = []
-    base = 0
+    peak = [math.nan]
     for phase in ("warm", "timed"):
         status = "ok"
         try:
             if phase == "warm":
-                attempt(1)
+                harness.bench_collective(step, ctx.dev, 1, lambda: line_up(ctx))
                 drop_grads()
-                free_memory(ctx)
-                if ctx.cuda:
-                    base = torch.cuda.memory_allocated(ctx.dev)
-                    torch.cuda.reset_peak_memory_stats(ctx.dev)
             else:
-                times = attempt(n_timed)
+                with harness.peak_above(ctx.dev) as peak:
+                    times = harness.bench_collective(step, ctx.dev, n_timed,
+                                                     lambda: line_up(ctx))
         except torch.OutOfMemoryError:
             status = "oom"
         except Exception as e:  # a baseline that breaks is reported, not fatal
@@ -493,30 +368,10 @@ def measure(m: Method, ctx: Ctx, b_global: int, d: int, n_timed: int) -> dict:
             worst = max_over_ranks(ctx, [1.0 if status == "error" else 0.0])[0]
             release()
             return dict(status="error" if worst > 0 else "oom")
-    peak = float("nan")
-    if ctx.cuda:
-        peak = (torch.cuda.max_memory_allocated(ctx.dev) - base) / 2**30
-    qs = [quantile(times, p) for p in (0.2, 0.5, 0.8)]
-    p20, p50, p80, peak = max_over_ranks(ctx, qs + [peak])
-    res.update(p20=p20, p50=p50, p80=p80, peak_gib=peak)
+    p20, p50, p80, peak_gib = max_over_ranks(ctx, [*harness.quantiles(times), peak[0]])
+    res.update(p20=p20, p50=p50, p80=p80, peak_gib=peak_gib)
     release()
     return res
-
-
-def matmul_tflops(ctx: Ctx) -> float:
-    n = 8192
-    a = torch.randn(n, n, device=ctx.dev, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=ctx.dev, dtype=torch.bfloat16)
-    for _ in range(5):
-        a @ b
-    sync(ctx)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        a @ b
-    end.record()
-    end.synchronize()
-    return 2 * n**3 * 20 / (start.elapsed_time(end) / 1e3) / 1e12
 
 
 # ----------------------------------------------------------------------------- main
@@ -550,45 +405,33 @@ def main() -> None:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    timeout = datetime.timedelta(seconds=args.pg_timeout_s)
     if cuda:
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
-        dist.init_process_group("nccl", device_id=dev,
-                                timeout=datetime.timedelta(seconds=args.pg_timeout_s))
+        dist.init_process_group("nccl", device_id=dev, timeout=timeout)
     else:
         dev = torch.device("cpu")
-        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.pg_timeout_s))
+        dist.init_process_group("gloo", timeout=timeout)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 baselines are plain fp32
-    solo, _ = dist.new_subgroups(group_size=1)
-    ctx = Ctx(dist.get_rank(), dist.get_world_size(), dev, cuda, solo)
+    ctx = Ctx(dist.get_rank(), dist.get_world_size(), dev, cuda, dist.group.WORLD)
     w, lead = ctx.world, ctx.rank == 0
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "bench_ring.csv")
-    card = torch.cuda.get_device_name(dev) if cuda else "cpu"
-    meta = dict(card=card, torch=torch.__version__, triton=TRITON_VERSION, commit=commit(),
-                date=datetime.date.today().isoformat())
-    rows: list[dict] = []
+    out = harness.Csv(os.path.join(args.out, "bench_ring.csv"), dev, world=w, write=lead)
 
     def say(msg: str) -> None:
         if lead:
             print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
 
     def rec(impl, metric, b, dtype, value, p20="", p80="", d=None):
-        rows.append(dict(impl=impl, metric=metric, B=b, D=args.d if d is None else d,
-                         dtype=dname(dtype), world=w, value=value, p20=p20,
-                         p50=value, p80=p80, **meta))
-        if lead:
-            with open(path, "w", newline="") as f:
-                wr = csv.DictWriter(f, fieldnames=FIELDS)
-                wr.writeheader()
-                wr.writerows(rows)
+        out.add(impl, metric, b, args.d if d is None else d, dtype, value, p20, p80)
 
-    say(f"world {w}, {card}, torch {torch.__version__}, triton {TRITON_VERSION}, "
-        f"NCCL_NVLS_ENABLE={os.environ.get('NCCL_NVLS_ENABLE')}, commit {meta['commit']}")
+    say(f"world {w}, {out.meta['card']}, torch {torch.__version__}, triton "
+        f"{harness.TRITON_VERSION}, NCCL_NVLS_ENABLE={os.environ.get('NCCL_NVLS_ENABLE')}, "
+        f"commit {out.meta['commit']}")
     if cuda:
-        tf = max_over_ranks(ctx, [-matmul_tflops(ctx)])[0]  # min over ranks
-        rec("matmul", "tflops", 8192, torch.bfloat16, -tf)
-        say(f"bf16 matmul 8192^3: {-tf:.0f} TFLOP/s (slowest rank)")
+        tf = -max_over_ranks(ctx, [-harness.matmul_tflops(torch.bfloat16, dev)])[0]
+        rec("matmul", "tflops", 8192, torch.bfloat16, tf)
+        say(f"bf16 matmul 8192^3: {tf:.0f} TFLOP/s (slowest rank)")
 
     methods = dict(METHODS)
     if not cuda or cal_inf_loss is None:
@@ -596,6 +439,10 @@ def main() -> None:
         say(f"inf_cl 1.2.1 unavailable: {why}")
         rec("inf_cl_1.2.1", "unavailable", 0, torch.float32, float("nan"))
         methods.pop("inf_cl_1.2.1")
+    if ClipLoss is None:
+        say("open_clip unavailable: not installed (the all-gather baselines need it)")
+        for name in ("allgather_bf16", "allgather_fp32"):
+            rec(name, "unavailable", 0, methods.pop(name).dtype, float("nan"))
     if args.only is not None:
         methods = {n: m for n, m in methods.items() if n in args.only}
 
@@ -604,22 +451,24 @@ def main() -> None:
     for name, m in methods.items():
         d = m.check_d or args.check_d
         try:
-            errs = check(m, ctx, args.check_b, d)
+            ok, errs = check(m, ctx, args.check_b, d)
         except Exception as e:
             print(f"[rank {ctx.rank}] check {name} raised {type(e).__name__}: {e}", flush=True)
             rec(name, "check_failed", args.check_b, m.dtype, float("nan"), d=d)
             continue
         for metric, v in errs.items():
-            rec(name, metric, args.check_b, m.dtype, v, d=d)
-        ok = check_passes(m, errs)
-        say(f"check {name:18s} {dname(m.dtype):8s} B={args.check_b} D={d}: "
-            + " ".join(f"{k[4:]}={v:.1e}" for k, v in errs.items())
-            + ("  ok" if ok else f"  FAILED (tol {TOL[m.dtype]:.0e}): NOT TIMED"))
+            if metric.startswith("ref_"):
+                rec(f"naive_same_dtype/{name}", metric[4:], args.check_b, m.dtype, v, d=d)
+            else:
+                rec(name, metric, args.check_b, m.dtype, v, d=d)
+        say(f"check {name:18s} {harness.dname(m.dtype):8s} B={args.check_b} D={d}: "
+            + " ".join(f"{k[4:]}={v:.1e}" for k, v in errs.items() if k.startswith("err_"))
+            + ("  ok" if ok else "  FAILED: NOT TIMED"))
         if ok:
             passed.add(name)
         else:
             rec(name, "check_failed", args.check_b, m.dtype, 1.0, d=d)
-    free_memory(ctx)
+    harness.free_memory(dev)
 
     # ---- the plan, most important first
     plan: list[tuple[str, int]] = []
@@ -647,18 +496,18 @@ def main() -> None:
         if name in too_big and b > too_big[name]:
             est = float("nan")
             if name.startswith("allgather"):
-                est = allgather_peak_bytes(bl, b, args.d, m.dtype.itemsize) / 2**30
+                est = allgather_peak_bytes(bl, b, args.d, m.dtype.itemsize) / harness.GIB
             rec(name, "oom_predicted", b, m.dtype, est)
             say(f"{name} B={b}: oom (out of memory at B={too_big[name]} already)")
             continue
         if name.startswith("allgather"):
             need = allgather_peak_bytes(bl, b, args.d, m.dtype.itemsize)
-            free = free_memory(ctx)
+            free = harness.free_memory(dev)
             if not agree(ctx, need <= free):
-                rec(name, "oom_predicted", b, m.dtype, need / 2**30)
+                rec(name, "oom_predicted", b, m.dtype, need / harness.GIB)
                 too_big[name] = b
-                say(f"{name} B={b}: predicted {need / 2**30:.1f} GiB > free "
-                    f"{free / 2**30:.1f} GiB: oom_predicted, not run")
+                say(f"{name} B={b}: predicted {need / harness.GIB:.1f} GiB > free "
+                    f"{free / harness.GIB:.1f} GiB: oom_predicted, not run")
                 continue
         n = timed_steps(b, m.slow)
         est = predicted_seconds(done.get(name, []), b, n + 1)
@@ -669,7 +518,7 @@ def main() -> None:
             say(f"skip {name} B={b}: predicted {est or float('nan'):.0f} s would pass the "
                 f"budget of {args.budget_s:.0f} s")
             continue
-        say(f"run {name} {dname(m.dtype)} B={b} (b={bl}/rank), 1 warm-up + {n} timed")
+        say(f"run {name} {harness.dname(m.dtype)} B={b} (b={bl}/rank), 1 warm-up + {n} timed")
         res = measure(m, ctx, b, args.d, n)
         if res["status"] != "ok":
             rec(name, res["status"], b, m.dtype, float("nan"))
@@ -698,14 +547,27 @@ def main() -> None:
             say(f"infcl_inf B={b}: {metric} = {eff:.3f}")
 
     if lead:
-        print(f"\nwrote {path}  ({card} x{w}, torch {torch.__version__}, triton "
-              f"{TRITON_VERSION}, {time.time() - T0:.0f} s)")
+        sizes = sorted(set(args.sizes) | set(args.extra_sizes))
+        print(f"\nwrote {out.path}  ({out.meta['card']} x{w}, torch {torch.__version__}, "
+              f"triton {harness.TRITON_VERSION}, {time.time() - T0:.0f} s)")
         print("cells: p50 ms / peak GiB above inputs per rank (max over ranks); oom* = predicted")
-        for line in table(rows, sorted(set(args.sizes) | set(args.extra_sizes))):
+        for line in harness.table(out.rows, sizes) + efficiency_lines(out.rows, sizes):
             print(line)
         sys.stdout.flush()
     dist.barrier()
     dist.destroy_process_group()
+
+
+def efficiency_lines(rows: list[dict], sizes: list[int]) -> list[str]:
+    """One line per eff_vs_* metric of infcl_inf, by B."""
+    out = []
+    for metric in sorted({r["metric"] for r in rows if r["metric"].startswith("eff_vs_")}):
+        vals = {int(r["B"]): float(r["value"]) for r in rows
+                if r["metric"] == metric and r["impl"] == "infcl_inf"}
+        label = metric.replace("eff_vs_ref1gpu_", "eff vs 1 GPU ").replace("_div_W", " / W")
+        out.append(f"{label:32s} " + " ".join(
+            f"{vals[b]:>15.3f}" if b in vals else f"{'-':>15s}" for b in sizes))
+    return out
 
 
 if __name__ == "__main__":

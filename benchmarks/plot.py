@@ -3,8 +3,9 @@
 Reads the long-format CSVs of `bench_loss.py` (no `world` column: one GPU) and `bench_ring.py`
 from `benchmarks/results/` (or the files given) and writes `docs/img/<csv name>[_w<W>].png`: left
 panel the median ms per forward+backward step against B, right panel the peak GiB above the inputs
-against B, one line per method and dtype (single-GPU references of the ring run dashed). Methods
-that ran out of memory say from which B in the legend; where the CSV has `inputs_gib` for
+against B, one line per method and dtype (single-GPU references of the ring run dashed), named
+in the legend under the panels by what a user calls (`LABELS`). Methods that ran out of memory
+say from which B in the legend; where the CSV has `inputs_gib` for
 `infcl_inf`, the right panel also shows 1.5x those bytes (issue 4's memory goal) dotted.
 
 Run: `python benchmarks/plot.py [--results DIR] [--out docs/img] [CSV ...]`.
@@ -20,12 +21,40 @@ import os
 from collections import defaultdict
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 PLOTTED = ("ms", "peak_gib")
 OOM = ("oom", "oom_predicted")
+LABELS = {
+    "infcl_inf": "infcl inf_loss (symmetric)",
+    "infcl_inf_1dir": "infcl inf_loss (one direction)",
+    "infcl_inf_ieee": "infcl inf_loss, precision='ieee' (symmetric)",
+    "infcl_chunked": "infcl chunked_loss (symmetric)",
+    "infcl_ring": "infcl ring_loss, torch tiles (symmetric)",
+    "naive_loss": "infcl naive_loss, fp32 logits (symmetric)",
+    "naive": "materialised logits, F.cross_entropy (symmetric)",
+    "open_clip": "open_clip ClipLoss (symmetric)",
+    "inf_cl_1.2.1": "inf_cl 1.2.1 cal_inf_loss (symmetric)",
+    "allgather_bf16": "all-gather with gradient, open_clip ClipLoss, autocast (symmetric)",
+    "allgather_fp32": "all-gather with gradient, open_clip ClipLoss (symmetric)",
+    "ref1gpu_local_1dir": "single-GPU reference, local rows x global batch, one direction",
+    "ref1gpu_global_sym": "single-GPU reference, global batch, symmetric",
+}
+"""Legend names of the impl ids the benchmark scripts write (an unknown id shows as itself)."""
+RING_LABELS = {
+    "infcl_inf": "infcl inf_loss, ring over {w} GPUs (symmetric)",
+    "infcl_ring": "infcl ring_loss, ring over {w} GPUs, torch tiles (symmetric)",
+    "inf_cl_1.2.1": "inf_cl 1.2.1 cal_inf_loss, ring over {w} GPUs (symmetric)",
+}
+"""Names that change across GPUs (where the same id runs the ring)."""
+DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}
+
+
+def label(impl: str, dtype: str, world: int) -> str:
+    """'infcl inf_loss (one direction), bf16' for ('infcl_inf_1dir', 'bfloat16', 1)."""
+    name = RING_LABELS[impl].format(w=world) if world > 1 and impl in RING_LABELS else (
+        LABELS.get(impl, impl))
+    return f"{name}, {DTYPES.get(dtype, dtype)}"
 
 
 def load(path: str) -> list[dict]:
@@ -86,15 +115,17 @@ def plot_one(rows: list[dict], name: str, world: int, path: str) -> None:
     if not data:
         return
     several_d = len({k[2] for k in data}) > 1
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    # the legend goes under both panels (inside either it hides lines): one row per two methods
+    legend_in = 0.18 * math.ceil(len(data) / 2) + 0.15
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2 + legend_in))
     markers = "osD^v<>pPX*h"
     for i, (key, s) in enumerate(sorted(data.items())):
         impl, dtype, d = key
-        label = f"{impl} {dtype}" + (f" D={d}" if several_d else "")
+        text = label(impl, dtype, world) + (f", D={d}" if several_d else "")
         if s["oom"] is not None:
-            label += f" (OOM from B={s['oom']})"
+            text += f" (OOM from B={s['oom']})"
         style = dict(marker=markers[i % len(markers)], linestyle="--" if impl.startswith("ref")
-                     else "-", label=label, color=f"C{i % 10}")
+                     else "-", label=text, color=f"C{i % 10}")
         for ax, metric in zip(axes, PLOTTED, strict=True):
             pts = sorted(s[metric].items())
             if pts:
@@ -105,7 +136,7 @@ def plot_one(rows: list[dict], name: str, world: int, path: str) -> None:
     if goal:
         pts = sorted(goal.items())
         axes[1].plot([p[0] for p in pts], [p[1] for p in pts], ":", color="grey",
-                     label="1.5 x inputs of infcl_inf (goal)")
+                     label="goal of issue 4: 1.5 x the inputs of infcl inf_loss")
     for ax, ylabel in zip(axes, ("ms per forward+backward (median)",
                                   "peak GiB above inputs" + (" per rank" if world > 1 else "")),
                           strict=True):
@@ -114,11 +145,12 @@ def plot_one(rows: list[dict], name: str, world: int, path: str) -> None:
         ax.set_xlabel("global batch B" if world > 1 else "batch B")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7, loc="upper left")
+    fig.legend(handles=axes[0].get_lines(), loc="lower center", ncol=2, fontsize=8,
+               frameon=False)
     if goal:
-        axes[1].legend(fontsize=7, loc="upper left", handles=axes[1].get_lines()[-1:])
+        axes[1].legend(fontsize=8, loc="lower right", handles=axes[1].get_lines()[-1:])
     fig.suptitle(title(rows, name, world), fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, legend_in / (5.2 + legend_in), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     print(f"wrote {path}")
@@ -130,6 +162,7 @@ def main() -> None:
     ap.add_argument("--results", default="benchmarks/results")
     ap.add_argument("--out", default="docs/img")
     args = ap.parse_args()
+    matplotlib.use("Agg")  # files only; pyplot settles its backend at the first figure
     paths = args.csvs or sorted(glob.glob(os.path.join(args.results, "**", "*.csv"),
                                           recursive=True))
     if not paths:

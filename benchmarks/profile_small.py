@@ -1,49 +1,46 @@
-"""Where the time goes at small B: GPU kernel time per step against wall time per step.
+"""Where the time goes at small B: GPU kernel time per step against the time of a step.
 
-Run on the GPU: `python benchmarks/profile_small.py [--b 8192]`. Prints the kernels by total
-CUDA time and the number of launches per step.
+Run on the GPU: `python benchmarks/profile_small.py [--b 8192]`. Prints the step's p50 from
+`harness.bench` (as bench_loss.py times it), the profiler's kernel time and launches per step,
+and the kernels by total CUDA time. The loss is first checked (`harness.gate`, B=1000, D=300).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-import time
 
+import harness
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import infcl  # noqa: E402
+import infcl
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--b", type=int, default=8192)
     ap.add_argument("--d", type=int, default=512)
     args = ap.parse_args()
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q = F.normalize(torch.randn(args.b, args.d, device="cuda", generator=g), dim=-1).bfloat16()
-    k = F.normalize(torch.randn(args.b, args.d, device="cuda", generator=g), dim=-1).bfloat16()
-    q.requires_grad_()
-    k.requires_grad_()
-    s = torch.tensor(20.0, device="cuda", requires_grad=True)
+    dev = torch.device("cuda")
+    q = harness.unit_rows(args.b, args.d, torch.bfloat16, 1, dev).requires_grad_()
+    k = harness.unit_rows(args.b, args.d, torch.bfloat16, 2, dev).requires_grad_()
+    s = torch.tensor(20.0, device=dev, requires_grad=True)
+
+    def loss(q, k, s):
+        return infcl.inf_loss(q, k, s, symmetric=True)
+
+    verdict = harness.gate(loss, harness.unit_rows(1000, 300, torch.bfloat16, 3, dev),
+                           harness.unit_rows(1000, 300, torch.bfloat16, 4, dev),
+                           torch.tensor(30.0, device=dev), symmetric=True)
+    if not verdict.ok:
+        raise SystemExit("inf_loss is off the spec, not profiled:\n" + "\n".join(verdict.lines))
 
     def step():
         q.grad = k.grad = s.grad = None
-        infcl.inf_loss(q, k, s, symmetric=True).backward()
+        loss(q, k, s).backward()
 
-    for _ in range(5):
-        step()
-    torch.cuda.synchronize()
+    _, step_ms, _ = harness.bench(step, dev)
     n = 20
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - t0) / n * 1e3
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
             step()
@@ -52,7 +49,7 @@ def main() -> None:
     kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu = sum(e.self_device_time_total for e in kernels) / n / 1e3
     launches = sum(e.count for e in kernels) / n
-    print(f"B={args.b} D={args.d} bf16 symmetric: wall {wall:.2f} ms/step, GPU busy "
+    print(f"B={args.b} D={args.d} bf16 symmetric: step {step_ms:.2f} ms (p50), GPU busy "
           f"{gpu:.2f} ms/step, about {launches:.0f} kernels/step")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
 

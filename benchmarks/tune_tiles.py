@@ -2,63 +2,109 @@
 
 Run on the GPU: `python benchmarks/tune_tiles.py [--b 65536] [--d 512]`. Winners go into
 `infcl/kernels/configs.py` by hand (fixed configs; no autotuning at run time).
+
+Every configuration is checked before it is timed: with that tile and partition count the two
+kernels alone (`lse_rows` forward for rows and columns, `ds_bwd` backward) give the symmetric
+mean loss and its dq, dk, dscale at B = --check-b, D = 300, judged by `helpers.judge` against
+float64 `naive_loss` (the harness's rule). A configuration off the spec is reported, not timed.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
+import functools
 
+import harness
 import torch
-import triton.testing
+from harness import helpers
+from torch import Tensor
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from infcl.kernels import configs  # noqa: E402
-from infcl.kernels.configs import Tile  # noqa: E402
-from infcl.kernels.lse_bwd import dlogits_bwd  # noqa: E402
-from infcl.kernels.lse_fwd import lse_rows  # noqa: E402
+import infcl
+from infcl.kernels import configs
+from infcl.kernels.configs import Tile
+from infcl.kernels.lse_bwd import ds_bwd
+from infcl.kernels.lse_fwd import lse_rows
 
 TILES = {
     torch.bfloat16: [Tile(128, 256, 32, 8, 4), Tile(128, 256, 64, 8, 3), Tile(128, 128, 64, 8, 3),
                      Tile(64, 128, 64, 4, 3), Tile(128, 128, 64, 8, 4)],
     torch.float32: [Tile(128, 128, 32, 8, 3), Tile(64, 128, 32, 4, 3), Tile(128, 64, 32, 4, 3)],
 }
+PRECISION = "tf32"  # float32 dots on the tensor cores, as inf_loss runs them by default
+
+
+def kernels_result(q: Tensor, k: Tensor, s: Tensor, tile: Tile) -> helpers.Result:
+    """The symmetric mean loss from the kernels alone, and its dq, dk, dscale.
+
+    Per pair i the loss is `0.5 * row_lse_i + 0.5 * col_lse_i - pos_i`; its gradients are what
+    `ds_bwd` computes for g_row = g_col = 0.5 / B and g_pos = -1 / B.
+    """
+    b = q.shape[0]
+    y = torch.arange(b, device=q.device)
+    row, pos = lse_rows(q, k, s, y, 0, PRECISION, tile)
+    col, _ = lse_rows(k, q, s, None, 0, PRECISION, tile)
+    loss = (0.5 * row.sum() + 0.5 * col.sum() - pos.double().sum()) / b
+    g_half = torch.full((b,), 0.5 / b, device=q.device)
+    g_pos = torch.full((b,), -1.0 / b, device=q.device)
+    dq, dk, dscale = ds_bwd(q, k, s, y, 0, row, col, g_half, g_half, g_pos, PRECISION, tile)
+    return helpers.Result(loss.float(), dq, dk, dscale)
+
+
+def off_spec(q: Tensor, k: Tensor, s: Tensor, tile: Tile) -> list[str]:
+    """[] when the kernels with `tile` (and the current configs.PARTS, BWD_PARTS) meet the rule."""
+    truth = helpers.ground_truth(q, k, s, symmetric=True)
+    ref = helpers.run(infcl.naive_loss, q, k, s, symmetric=True)
+    verdict = helpers.judge(kernels_result(q, k, s, tile), ref, truth, dtype=q.dtype,
+                            floor=harness.floor(q.dtype, tf32=True))
+    return [] if verdict.ok else verdict.lines
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--b", type=int, default=65536)
     ap.add_argument("--d", type=int, default=512)
+    ap.add_argument("--check-b", type=int, default=4100,
+                    help="batch of the check (not a multiple of the tiles; several partitions)")
     args = ap.parse_args()
-    b, d = args.b, args.d
-    g = torch.Generator(device="cuda").manual_seed(0)
+    b, d, dev = args.b, args.d, torch.device("cuda")
     flop = 2 * b * b * d
+    parts, bwd_parts = configs.PARTS, configs.BWD_PARTS
     for dt, tiles in TILES.items():
-        q = torch.randn(b, d, device="cuda", generator=g)
-        k = torch.randn(b, d, device="cuda", generator=g)
-        q = torch.nn.functional.normalize(q, dim=-1).to(dt)
-        k = torch.nn.functional.normalize(k, dim=-1).to(dt)
-        s = torch.tensor(20.0, device="cuda")
-        y = torch.arange(b, device="cuda")
-        row, _ = lse_rows(q, k, s, y, 0, "tf32")
-        col, _ = lse_rows(k, q, s, None, 0, "tf32")
-        gr = torch.full((b,), 0.5 / b, device="cuda")
-        gp = torch.full((b,), -1.0 / b, device="cuda")
+        q = harness.unit_rows(b, d, dt, 1, dev)
+        k = harness.unit_rows(b, d, dt, 2, dev)
+        qc = harness.unit_rows(args.check_b, 300, dt, 3, dev)
+        kc = harness.unit_rows(args.check_b, 300, dt, 4, dev)
+        s = torch.tensor(20.0, device=dev)
+        y = torch.arange(b, device=dev)
+        row, _ = lse_rows(q, k, s, y, 0, PRECISION)
+        col, _ = lse_rows(k, q, s, None, 0, PRECISION)
+        g_half = torch.full((b,), 0.5 / b, device=dev)
+        g_pos = torch.full((b,), -1.0 / b, device=dev)
+        name = harness.dname(dt)
         for t in tiles:
-            for parts in (16, 32):
-                configs.PARTS = parts
-                ms = triton.testing.do_bench(lambda t=t: lse_rows(q, k, s, y, 0, "tf32", t), rep=200)
-                print(f"fwd {str(dt)[6:]:8s} {t} parts={parts}: one row pass {ms:7.2f} ms "
-                      f"({flop / ms / 1e9:5.0f} TF/s)", flush=True)
-            configs.PARTS = 16
+            for p in (16, 32):
+                configs.PARTS = p
+                label = f"fwd {name:8s} {t} parts={configs.PARTS}"
+                problems = off_spec(qc, kc, s, t)
+                if problems:
+                    print(f"{label}: NOT TIMED, off the spec:\n  " + "\n  ".join(problems))
+                    continue
+                _, ms, _ = harness.bench(
+                    functools.partial(lse_rows, q, k, s, y, 0, PRECISION, t), dev)
+                print(f"{label}: one row pass {ms:7.2f} ms ({flop / ms / 1e9:5.0f} TF/s)",
+                      flush=True)
+            configs.PARTS = parts
             for bp in (1, 2, 4):
                 configs.BWD_PARTS = bp
-                ms = triton.testing.do_bench(lambda t=t: dlogits_bwd(
-                    q, k, s, y, 0, row, col, gr, gr, gp, "tf32", t), rep=200)
-                print(f"bwd {str(dt)[6:]:8s} {t} bwd_parts={bp}: {ms:7.2f} ms "
-                      f"({3 * flop / ms / 1e9:5.0f} TF/s)", flush=True)
-            configs.BWD_PARTS = 2
+                label = f"bwd {name:8s} {t} bwd_parts={configs.BWD_PARTS}"
+                problems = off_spec(qc, kc, s, t)
+                if problems:
+                    print(f"{label}: NOT TIMED, off the spec:\n  " + "\n  ".join(problems))
+                    continue
+                _, ms, _ = harness.bench(functools.partial(
+                    ds_bwd, q, k, s, y, 0, row, col, g_half, g_half, g_pos, PRECISION, t), dev)
+                print(f"{label}: {ms:7.2f} ms ({3 * flop / ms / 1e9:5.0f} TF/s)", flush=True)
+            configs.BWD_PARTS = bwd_parts
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""One tolerance table and one comparison against the spec, shared by the tests of every loss.
+"""One tolerance table and one comparison against the spec, shared by the tests of every loss
+and by the benchmarks' correctness gate (`judge` returns the verdict that
+`assert_close_to_naive` asserts on).
 
 Ground truth is `naive_loss` in float64 on the very inputs the implementation sees (already
 rounded to the low dtype), so only the implementation's own arithmetic is measured. For each of
@@ -128,8 +130,7 @@ def assert_close_to_naive(
         "dk": dtype,
         "dscale": scale.dtype if isinstance(scale, Tensor) else None,
     }
-    lines, failed = [], []
-    for name, x, x_ref, x64 in zip(Result._fields, got, ref, truth, strict=True):
+    for name, x, x64 in zip(Result._fields, got, truth, strict=True):
         if x64 is None:
             assert x is None, f"{name}: expected None for a Python-number scale, got {x}"
             continue
@@ -137,6 +138,50 @@ def assert_close_to_naive(
         want_dtype = expected_dtypes[name]
         assert x.dtype == want_dtype, f"{name}: dtype {x.dtype}, want {want_dtype}"
         assert x.shape == x64.shape, f"{name}: shape {tuple(x.shape)}, want {tuple(x64.shape)}"
+    verdict = judge(got, ref, truth, dtype=dtype, c=c, floor=floor, norm_floor=norm_floor)
+    fn_name = getattr(fn, "__name__", repr(fn))
+    assert verdict.ok, f"{fn_name} off the spec in {verdict.failed}:\n" + "\n".join(verdict.lines)
+
+
+class Verdict(NamedTuple):
+    """What the tolerance rule says about one run: `ok`, and the evidence."""
+
+    ok: bool
+    failed: list[str]  # the quantities off the spec, once per reason
+    lines: list[str]  # one line per quantity (its errors and bound) and per finiteness problem
+    errors: dict[str, tuple[float, float]]  # quantity -> (err(impl), err(naive in the same dtype))
+
+
+def judge(
+    got: Result,
+    ref: Result,
+    truth: Result,
+    *,
+    dtype: torch.dtype,
+    c: float = 2.0,
+    floor: float | None = None,
+    norm_floor: float = NORM_FLOOR,
+) -> Verdict:
+    """The tolerance rule of this module as a verdict instead of an assertion (it never raises).
+
+    `got` is the implementation's `Result`, `ref` naive_loss's in the same dtype and `truth`
+    naive_loss's in float64, on the same inputs. A quantity passes when it is finite exactly
+    where the float64 spec is finite (and fits `got`'s dtype) and
+    `err(got) <= c * err(ref) + floor` (floor: `FLOOR[dtype]` unless given). A quantity
+    missing where the spec has one (or present where it has none, or of another shape) fails.
+    `assert_close_to_naive` asserts on this verdict; the benchmarks gate on it.
+    """
+    floor = FLOOR[dtype] if floor is None else floor
+    lines: list[str] = []
+    failed: list[str] = []
+    errors: dict[str, tuple[float, float]] = {}
+    for name, x, x_ref, x64 in zip(Result._fields, got, ref, truth, strict=True):
+        if x64 is None or x is None or x_ref is None or x.shape != x64.shape:
+            if x is None and x64 is None:
+                continue
+            failed.append(name)
+            lines.append(f"{name}: shape {_shape(x)}, want {_shape(x64)}")
+            continue
         # Finite wherever the exact value is finite and fits the output dtype; non-finite where
         # the exact value is.
         fits = torch.isfinite(x64) & (x64.abs() <= torch.finfo(x.dtype).max)
@@ -147,12 +192,16 @@ def assert_close_to_naive(
             failed.append(name)
             lines.append(f"{name}: finite where the float64 spec is not")
         e_impl, e_ref = rel_err(x, x64, norm_floor), rel_err(x_ref, x64, norm_floor)
+        errors[name] = (e_impl, e_ref)
         bound = c * e_ref + floor
         if not e_impl <= bound:
             failed.append(name)
         lines.append(f"{name}: err {e_impl:.3g}, naive {dtype} err {e_ref:.3g}, bound {bound:.3g}")
-    fn_name = getattr(fn, "__name__", repr(fn))
-    assert not failed, f"{fn_name} off the spec in {failed}:\n" + "\n".join(lines)
+    return Verdict(not failed, failed, lines, errors)
+
+
+def _shape(x: Tensor | None) -> tuple[int, ...] | None:
+    return None if x is None else tuple(x.shape)
 
 
 @contextlib.contextmanager
