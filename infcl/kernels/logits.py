@@ -13,6 +13,20 @@ from torch import Tensor
 
 LOG2E = tl.constexpr(1.4426950408889634)
 """log2(e): the kernels take exponentials as `exp2(x * LOG2E)`."""
+LOG2E_LO = tl.constexpr(1.92596298909109e-08)
+"""log2(e) minus its float32 rounding: the part of LOG2E that `x * LOG2E` in fp32 drops."""
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def exp_precise(x):
+    """exp(x) for fp32 without the `|x| * eps` error of `exp2(x * LOG2E)`: the rounding error of
+    the product (recovered exactly by an FMA) and LOG2E's own rounding are put back as a
+    first-order factor. Left: exp2's own error, about two ulps."""
+    y = x * LOG2E
+    r = tl.fma(x, LOG2E, -y) + x * LOG2E_LO  # x * log2(e) - y, to fp32 accuracy
+    r = tl.where(tl.abs(y) < float("inf"), r, 0.0)  # exp(-inf) = 0 and NaN stay as exp2 has them
+    return tl.exp2(y) * (1.0 + r * LN2)
 
 
 @triton.jit

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from infcl.kernels import configs
 from infcl.kernels.configs import INTERPRET, Tile, bwd_tile, split
-from infcl.kernels.logits import LOG2E, addmm32_, matmul_precision, qk_tile
+from infcl.kernels.logits import LOG2E, addmm32_, exp_precise, matmul_precision, qk_tile
 from infcl.kernels.numerics import autocast_off, split_lse
 
 
@@ -27,7 +27,7 @@ def _softmax(b_s, b_hi, b_lo, PRECISE: tl.constexpr):
     """exp(S - lse) with lse = hi + lo. `S - hi` is exact where S is near the LSE, which keeps
     fp32's digits in the probabilities that matter; bf16 and fp16 take one FMA instead."""
     if PRECISE:
-        return tl.exp2(((b_s - b_hi) - b_lo) * LOG2E)
+        return exp_precise((b_s - b_hi) - b_lo)
     return tl.exp2(b_s * LOG2E - (b_hi + b_lo) * LOG2E)
 
 

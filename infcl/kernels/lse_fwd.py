@@ -16,7 +16,7 @@ from torch import Tensor
 
 from infcl.kernels import configs
 from infcl.kernels.configs import INTERPRET, Tile, fwd_tile, split
-from infcl.kernels.logits import LOG2E, qk_tile
+from infcl.kernels.logits import LOG2E, exp_precise, qk_tile
 from infcl.kernels.numerics import LSE_DTYPE, autocast_off
 
 
@@ -55,7 +55,7 @@ def _lse_fwd_kernel(
             b_s = tl.where(m_n[None, :], b_acc * s, float("-inf"))
             b_new = tl.maximum(b_max, tl.max(b_s, axis=1))
             if IS_FP32:  # S - max first: exact near the max, so the sum keeps fp32's digits
-                b_e = tl.exp2((b_s - b_new[:, None]) * LOG2E)
+                b_e = exp_precise(b_s - b_new[:, None])
             else:  # one FMA; its rounding (eps * |S|) is far below bf16/fp16 input rounding
                 b_e = tl.exp2(b_s * LOG2E - (b_new * LOG2E)[:, None])
             b_sum = b_sum * tl.exp2((b_max - b_new) * LOG2E) + tl.sum(b_e, axis=1)
