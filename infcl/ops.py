@@ -253,7 +253,7 @@ def loss(
         q, k = q.to(low), k.to(low)
     precision = "default" if precision is None else precision
     s = scale_tensor(scale, q)
-    valid = None if labels is None else labels != ignore_index
+    valid = None if labels is None else labels.to(torch.long) != ignore_index  # any int dtype
     if group is not None and dist.get_world_size(group) > 1:
         diagonal = labels is None
         y = q.new_empty(0, dtype=torch.long) if diagonal else labels
@@ -266,6 +266,6 @@ def loss(
             y = torch.arange(q.shape[0], device=q.device)
         else:
             y = targets(labels, k.shape[0], ignore_index)
-        fwd = torch.ops.infcl.inf_fwd if block == "inf" else torch.ops.infcl.chunked_fwd
+        fwd = getattr(torch.ops.infcl, f"{block}_fwd")
         row, col, pos = fwd(q, k, s, y, 0, symmetric, chunk_size, precision)
     return assemble(row, col, pos, valid, symmetric, reduction)

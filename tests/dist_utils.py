@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from helpers import FLOOR, make_cotangent, rel_err
+from helpers import FLOOR, make_cotangent, within
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
@@ -290,10 +290,8 @@ def _close(name: str, got: Tensor, truth: Tensor, ref: Tensor, floor: float, c: 
         return f"{name}: NaN where the spec is not, or the reverse: {got} vs {truth}"
     if not got.numel():
         return ""
-    e, e_ref = rel_err(got, truth), rel_err(ref, truth)
-    if not e <= c * e_ref + floor:
-        return f"{name}: err {e:.3g} > {c} * naive err {e_ref:.3g} + {floor:g}"
-    return ""
+    ok, e, e_ref, bound = within(got, ref, truth, floor=floor, c=c)
+    return "" if ok else f"{name}: err {e:.3g} > bound {bound:.3g} (naive err {e_ref:.3g})"
 
 
 def check_case(ctx: Ctx, p: Sharded, loss_fn: Callable[..., Tensor]) -> str:

@@ -85,6 +85,17 @@ def make_cotangent(m: int, seed: int) -> Tensor:
     return torch.randn(m, generator=gen, dtype=torch.float64).float().double()
 
 
+def within(
+    x: Tensor, x_ref: Tensor, x64: Tensor, *, floor: float, c: float = 2.0,
+    norm_floor: float = NORM_FLOOR,
+) -> tuple[bool, float, float, float]:
+    """The rule for one quantity: (passes, err(x), err(x_ref), bound), bound = c * err(x_ref) +
+    floor, errors against the float64 `x64`. Every check of this project goes through it."""
+    e, e_ref = rel_err(x, x64, norm_floor), rel_err(x_ref, x64, norm_floor)
+    bound = c * e_ref + floor
+    return e <= bound, e, e_ref, bound
+
+
 def rel_err(x: Tensor, ref: Tensor, norm_floor: float = NORM_FLOOR) -> float:
     """||x - ref|| / max(||ref||, norm_floor) over the entries where both are finite."""
     both = torch.isfinite(x) & torch.isfinite(ref)
@@ -191,10 +202,9 @@ def judge(
         if bool(torch.isfinite(x)[~torch.isfinite(x64)].any()):
             failed.append(name)
             lines.append(f"{name}: finite where the float64 spec is not")
-        e_impl, e_ref = rel_err(x, x64, norm_floor), rel_err(x_ref, x64, norm_floor)
+        ok, e_impl, e_ref, bound = within(x, x_ref, x64, floor=floor, c=c, norm_floor=norm_floor)
         errors[name] = (e_impl, e_ref)
-        bound = c * e_ref + floor
-        if not e_impl <= bound:
+        if not ok:
             failed.append(name)
         lines.append(f"{name}: err {e_impl:.3g}, naive {dtype} err {e_ref:.3g}, bound {bound:.3g}")
     return Verdict(not failed, failed, lines, errors)

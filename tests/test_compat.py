@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import FLOOR, assert_close_to_naive, rel_err
+from helpers import FLOOR, assert_close_to_naive, rel_err, within
 from torch import Tensor
 
 from infcl import naive_loss
@@ -77,9 +77,9 @@ def compare(names: tuple[str, ...], got, same, truth, dtype: torch.dtype) -> str
     """'' when every `got` meets the tolerance rule against `truth`, else what failed."""
     out = []
     for name, x, x_same, x64 in zip(names, got, same, truth, strict=True):
-        e, e_ref = rel_err(x, x64.double()), rel_err(x_same, x64.double())
-        if not e <= 2 * e_ref + FLOOR[dtype]:
-            out.append(f"{name} ({dtype}): err {e:.3g} > 2 * {e_ref:.3g} + {FLOOR[dtype]:g}")
+        ok, e, e_ref, bound = within(x, x_same, x64.double(), floor=FLOOR[dtype])
+        if not ok:
+            out.append(f"{name} ({dtype}): err {e:.3g} > bound {bound:.3g} (original {e_ref:.3g})")
     return "; ".join(out)
 
 
