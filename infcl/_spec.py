@@ -67,14 +67,49 @@ SPEC_DOC = """
             when labels are given).
 """
 
+SIGMOID_SPEC_DOC = """
+    Computes the sigmoid (SigLIP) loss on `S = scale * q @ k.T + bias` with float32
+    accumulation (float64 for float64 inputs). Row i's positive is column `y_i` (`labels[i]`,
+    or `i` when labels is None); every other pair is a negative. With `z_ij = +1` at the
+    positive and `-1` elsewhere, the row loss is
+
+        l_i = -sum_j log sigmoid(z_ij * S[i, j])
+
+    computed without overflow for logits of any size. `reduction="mean"` returns
+    `sum_i l_i / M` (divided by the number of rows, as open_clip's `SigLipLoss` is), `"sum"`
+    the sum and `"none"` the vector `[M]`. In exact arithmetic it equals
+    `-F.logsigmoid(z * (scale * q.double() @ k.double().T + bias)).sum(1)` reduced.
+
+    Args:
+        q: `[M, D]` rows (e.g. image embeddings); float16, bfloat16, float32 or float64.
+        k: `[N, D]` columns (e.g. text embeddings), same dtype and device as `q`.
+        scale: Python number or 0-dim floating tensor (e.g. `logit_scale.exp()`); it may
+            require grad, and its gradient is returned.
+        bias: Python number or 0-dim floating tensor (e.g. `logit_bias`); it may require grad,
+            and its gradient is returned.
+        labels: tensor `[M]` of any integer dtype holding each row's positive column in
+            `[0, N)`, or None for the diagonal (then M == N).
+        reduction: `"mean"` (default), `"sum"` or `"none"`.
+
+    Returns:
+        The loss in float32 (float64 for float64 inputs); gradients come back in the input
+        dtype.
+
+    Raises:
+        TypeError: for an argument of the wrong type or dtype.
+        ValueError: for shapes that do not fit, unknown options, an empty batch, or labels
+            outside `[0, N)`; from a `torch.compile`d call too, as for the softmax losses.
+"""
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def describe(fn: F, *, extra: str) -> F:
-    """Attach the shared spec plus this loss's own memory bound and arguments to its docstring."""
+def describe(fn: F, *, extra: str, spec: str = SPEC_DOC) -> F:
+    """Attach the shared spec (`SPEC_DOC`, or `SIGMOID_SPEC_DOC`) plus this loss's own memory
+    bound and arguments to its docstring."""
     summary = (fn.__doc__ or "").strip()
-    # Indent `extra` like SPEC_DOC so that `inspect.cleandoc` (help(), mkdocstrings) dedents both.
-    fn.__doc__ = f"{summary}\n{SPEC_DOC}\n{textwrap.indent(inspect.cleandoc(extra), '    ')}\n"
+    # Indent `extra` like the spec so that `inspect.cleandoc` (help(), mkdocstrings) dedents both.
+    fn.__doc__ = f"{summary}\n{spec}\n{textwrap.indent(inspect.cleandoc(extra), '    ')}\n"
     return fn
 
 
@@ -185,6 +220,7 @@ def find_problem(
     q: Any,
     k: Any,
     scale: Any = 1.0,
+    bias: Any = 0.0,
     *,
     labels: Any = None,
     symmetric: Any = False,
@@ -232,6 +268,15 @@ def find_problem(
             return Problem("ValueError", ("scale must be a 0-dim tensor, got ", *_desc(scale)))
         if not scale.dtype.is_floating_point:
             return Problem("TypeError", ("scale must be a floating tensor, got ", *_desc(scale)))
+    if isinstance(bias, bool) or not isinstance(bias, (int, float, Tensor)):
+        return Problem(
+            "TypeError", ("bias must be a Python number or a 0-dim tensor, got " + _type_name(bias),)
+        )
+    if isinstance(bias, Tensor):
+        if bias.ndim != 0:
+            return Problem("ValueError", ("bias must be a 0-dim tensor, got ", *_desc(bias)))
+        if not bias.dtype.is_floating_point:
+            return Problem("TypeError", ("bias must be a floating tensor, got ", *_desc(bias)))
     if not isinstance(symmetric, bool):
         return Problem("TypeError", ("symmetric must be a bool, got " + _type_name(symmetric),))
     if not isinstance(reduction, str):

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from infcl.inf import inf_loss
+from infcl.ops import NO_IGNORE
 from infcl.ring import ring_loss
 
 __all__ = ["ClipLoss", "cal_inf_loss", "cal_ring_loss", "cal_flash_loss"]
@@ -29,10 +30,6 @@ def _process_group() -> tuple[int, int]:
 def _default_group() -> dist.ProcessGroup | None:
     """The default process group when it has more than one rank (inf_cl's ring), else None."""
     return dist.group.WORLD if _process_group()[0] > 1 else None
-
-
-_NO_IGNORE = -(1 << 63)
-"""inf_cl has no ignore_index: an int64 value no label can equal once its range is checked."""
 
 
 class ClipLoss(nn.Module):
@@ -222,7 +219,7 @@ def cal_inf_loss(
     group = _default_group()
     y = _global_labels(q, k, labels, group)
     return inf_loss(
-        q, k, 1.0 if scale is None else scale, labels=y, group=group, ignore_index=_NO_IGNORE
+        q, k, 1.0 if scale is None else scale, labels=y, group=group, ignore_index=NO_IGNORE
     )
 
 
@@ -242,7 +239,7 @@ def cal_ring_loss(
     group = _default_group()
     y = _global_labels(q, k, labels, group)
     return ring_loss(
-        q, k, 1.0 if scale is None else scale, labels=y, group=group, ignore_index=_NO_IGNORE
+        q, k, 1.0 if scale is None else scale, labels=y, group=group, ignore_index=NO_IGNORE
     )
 
 
@@ -262,4 +259,4 @@ def cal_flash_loss(
     del head_dim
     y = _global_labels(q, k, labels, None)
     s = 1.0 if scale is None else scale
-    return inf_loss(q, k, s, labels=y, reduction="none", ignore_index=_NO_IGNORE)
+    return inf_loss(q, k, s, labels=y, reduction="none", ignore_index=NO_IGNORE)

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from infcl import ops
-from infcl._spec import contract, describe
+from infcl._spec import SIGMOID_SPEC_DOC, contract, describe
 from infcl._typing import Cols, Labels, Loss, Rows, Scale
 
 
@@ -19,6 +19,12 @@ def _block(q: torch.Tensor) -> str:
             raise RuntimeError("inf_loss on CUDA needs triton; install it or use chunked_loss")
         return "inf"
     return "inf" if ops.HAS_TRITON and ops.INTERPRET and q.device.type == "cpu" else "chunked"
+
+
+def _sigmoid_block(q: torch.Tensor) -> str:
+    """The sigmoid loss's block: Triton tiles where they exist for it, else torch tiles."""
+    block = _block(q)
+    return block if block + "_sigmoid" in ops.SIGMOID_BLOCKS else "chunked"
 
 
 @contract
@@ -72,5 +78,39 @@ describe(
     Autocast: inside `torch.autocast`, float32 inputs are computed in the autocast dtype (bf16
     or fp16 tensor cores), as a matmul under autocast is; the loss is float32 and the
     gradients come back in float32.
+    """,
+)
+
+
+@contract
+def inf_sigmoid_loss(
+    q: Rows,
+    k: Cols,
+    scale: Scale = 1.0,
+    bias: Scale = 0.0,
+    *,
+    labels: Labels | None = None,
+    reduction: str = "mean",
+    group: dist.ProcessGroup | None = None,
+    precision: str | None = None,
+) -> Loss:
+    """Sigmoid (SigLIP) loss from fused tiles: Triton where `inf_loss` runs Triton."""
+    return ops.sigmoid_loss(
+        q, k, scale, bias, labels, reduction, block=_sigmoid_block(q), group=group,
+        precision=precision,
+    )
+
+
+describe(
+    inf_sigmoid_loss,
+    spec=SIGMOID_SPEC_DOC,
+    extra="""
+    Memory: the inputs' gradients, one bounded block of logit gradients and O(M) row losses;
+    no logit matrix is stored. Devices, precision and autocast as `inf_loss`; across ranks
+    (`group=`) as `ring_sigmoid_loss`, with these tiles at every ring step.
+
+    Args:
+        group: the process group of the ring (None: this device alone).
+        precision: how float32 inputs are multiplied, as in `inf_loss`.
     """,
 )

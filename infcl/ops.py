@@ -9,6 +9,11 @@ A block op pair computes one block of logits `scale * q @ k.T` without storing i
 * `infcl::<block>_bwd(q, k, scale, labels, col_offset, row_lse, col_lse, g_row, g_col, g_pos,
   chunk_size, precision) -> (dq, dk, dscale)`.
 
+The sigmoid (SigLIP) loss has its own pairs, `infcl::<block>_sigmoid_fwd(q, k, scale, bias,
+labels, col_offset, chunk_size, precision) -> per_row [M]` (the row's loss over the block's
+columns) and `infcl::<block>_sigmoid_bwd(..., g_row, chunk_size, precision) -> (dq, dk, dscale,
+dbias)`: no statistics, so blocks simply add.
+
 Two blocks exist: `"chunked"` (torch tiles, below) and `"inf"` (Triton tiles, `infcl/kernels/`).
 Each takes both tuning arguments and uses its own (`chunk_size`: torch tiles; `precision`:
 Triton), so the ring (`infcl/dist/ring.py`) runs either by name. `loss` is the shared
@@ -19,9 +24,10 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
-from infcl.dist.ring import ring_fwd
+from infcl.dist.ring import NO_IGNORE, ring_fwd, ring_sigmoid_fwd
 from infcl.kernels.numerics import LSE_DTYPE, acc_dtype, autocast_off, split_lse
 
 try:
@@ -35,6 +41,8 @@ except ImportError:  # no triton on this platform: CPU tensors still work throug
 
 BLOCKS = ("chunked", "inf") if HAS_TRITON else ("chunked",)
 """The block op pairs this installation has, by name."""
+SIGMOID_BLOCKS = ("chunked_sigmoid",)
+"""The sigmoid block op pairs this installation has, by name."""
 
 
 DEFAULT_TILE_ELEMENTS = 1 << 22
@@ -193,10 +201,8 @@ def targets(labels: Tensor, n: int, ignore_index: int) -> Tensor:
     y = labels.to(torch.long, copy=True)  # a fresh tensor: an op's output may not alias its input
     bad = ((y < 0) | (y >= n)) & (y != ignore_index)
     if bool(bad.any()):
-        raise ValueError(
-            f"labels must lie in [0, {n}) or equal ignore_index={ignore_index}; "
-            f"got {y[bad][:5].tolist()}"
-        )
+        allowed = "" if ignore_index == NO_IGNORE else f" or equal ignore_index={ignore_index}"
+        raise ValueError(f"labels must lie in [0, {n}){allowed}; got {y[bad][:5].tolist()}")
     return y
 
 
@@ -269,3 +275,127 @@ def loss(
         fwd = getattr(torch.ops.infcl, f"{block}_fwd")
         row, col, pos = fwd(q, k, s, y, 0, symmetric, chunk_size, precision)
     return assemble(row, col, pos, valid, symmetric, reduction)
+
+
+def _sigmoid_strip(q: Tensor, kt: Tensor, s: Tensor, b: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Unscaled products, `S = scale * q @ k.T + bias` and the positive mask of one strip."""
+    gc = q @ kt
+    st = gc * s + b
+    hit = torch.arange(kt.shape[1], device=q.device)[None, :] == y[:, None]
+    return gc, st, hit
+
+
+@torch.library.custom_op("infcl::chunked_sigmoid_fwd", mutates_args=())
+@autocast_off
+def chunked_sigmoid_fwd(
+    q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, col_offset: int,
+    chunk_size: int, precision: str,
+) -> Tensor:
+    """Each row's sigmoid loss over this block's columns, `sum_j -log sigmoid(z_ij S_ij)` [M].
+
+    The sign is applied before `logsigmoid` (`-S` for negatives), which is exact at any size;
+    `precision` is unused, as in `infcl::chunked_fwd`."""
+    acc = acc_dtype(q)
+    m, n = q.shape[0], k.shape[0]
+    cs = chunk_size if chunk_size > 0 else default_chunk_size(m, n)
+    s, b = scale.to(acc), bias.to(acc)
+    kt = k.to(acc).T
+    y = labels - col_offset
+    per = torch.zeros(m, dtype=acc, device=q.device)
+    for a in range(0, m if n > 0 else 0, cs):
+        _, st, hit = _sigmoid_strip(q[a : a + cs].to(acc), kt, s, b, y[a : a + cs])
+        per[a : a + cs] = -F.logsigmoid(torch.where(hit, st, -st)).sum(1)
+    return per
+
+
+@chunked_sigmoid_fwd.register_fake
+def chunked_sigmoid_fwd_fake(q, k, scale, bias, labels, col_offset, chunk_size, precision):
+    return q.new_empty(q.shape[0], dtype=acc_dtype(q))
+
+
+@torch.library.custom_op("infcl::chunked_sigmoid_bwd", mutates_args=())
+@autocast_off
+def chunked_sigmoid_bwd(
+    q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, col_offset: int,
+    g_row: Tensor, chunk_size: int, precision: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dscale, dbias of `sum(g_row * per_row)` for one block:
+    `dS = g_row * (sigmoid(S) - onehot)`, the positive's term as `-sigmoid(-S)` (exact)."""
+    acc = acc_dtype(q)
+    m, n = q.shape[0], k.shape[0]
+    cs = chunk_size if chunk_size > 0 else default_chunk_size(m, n)
+    s, b = scale.to(acc), bias.to(acc)
+    kf = k.to(acc)
+    g = g_row.to(acc)
+    y = labels - col_offset
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dscale = torch.zeros((), dtype=acc, device=q.device)
+    dbias = torch.zeros((), dtype=acc, device=q.device)
+    for a in range(0, m if n > 0 else 0, cs):
+        qc = q[a : a + cs].to(acc)
+        gc, st, hit = _sigmoid_strip(qc, kf.T, s, b, y[a : a + cs])
+        ds = g[a : a + cs, None] * torch.where(hit, -torch.sigmoid(-st), torch.sigmoid(st))
+        dq[a : a + cs] = (ds @ kf) * s
+        dk += ds.T @ qc
+        dscale += (ds * gc).sum()
+        dbias += ds.sum()
+    return dq.to(q.dtype), (dk * s).to(k.dtype), dscale.to(scale.dtype), dbias.to(bias.dtype)
+
+
+@chunked_sigmoid_bwd.register_fake
+def chunked_sigmoid_bwd_fake(q, k, scale, bias, labels, col_offset, g_row, chunk_size, precision):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(scale), torch.empty_like(bias)
+
+
+def _register_sigmoid_autograd(fwd_op, bwd_op) -> None:
+    """Make a sigmoid block op differentiable in q, k, scale and bias through `bwd_op`."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, scale, bias, labels, col_offset, chunk_size, precision = inputs
+        ctx.save_for_backward(q, k, scale, bias, labels)
+        ctx.args = (col_offset, chunk_size, precision)
+
+    def backward(ctx, g_row):
+        q, k, scale, bias, labels = ctx.saved_tensors
+        col_offset, chunk_size, precision = ctx.args
+        dq, dk, dscale, dbias = bwd_op(
+            q, k, scale, bias, labels, col_offset, g_row.contiguous(), chunk_size, precision
+        )
+        return dq, dk, dscale, dbias, None, None, None, None
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
+
+
+_register_sigmoid_autograd(chunked_sigmoid_fwd, chunked_sigmoid_bwd)
+
+
+def sigmoid_loss(
+    q: Tensor, k: Tensor, scale: float | Tensor, bias: float | Tensor, labels: Tensor | None,
+    reduction: str, *, block: str, group: dist.ProcessGroup | None = None, chunk_size: int = 0,
+    precision: str | None = None,
+) -> Tensor:
+    """The sigmoid loss through block `block`, on this device or around `group`'s ring; the
+    prologue (autocast, scale and bias, targets) and epilogue (reduction) of every sigmoid loss."""
+    if q.dtype == torch.float32 and torch.is_autocast_enabled(q.device.type):
+        low = torch.get_autocast_dtype(q.device.type)
+        q, k = q.to(low), k.to(low)
+    precision = "default" if precision is None else precision
+    s, b = scale_tensor(scale, q), scale_tensor(bias, q)
+    if group is not None and dist.get_world_size(group) > 1:
+        diagonal = labels is None
+        y = q.new_empty(0, dtype=torch.long) if diagonal else labels
+        per, _ = ring_sigmoid_fwd(
+            q, k, s, b, y, diagonal, group.group_name, block, chunk_size, precision
+        )
+    else:
+        if labels is None:
+            y = torch.arange(q.shape[0], device=q.device)
+        else:
+            y = targets(labels, k.shape[0], NO_IGNORE)
+        fwd = getattr(torch.ops.infcl, f"{block}_sigmoid_fwd")
+        per = fwd(q, k, s, b, y, 0, chunk_size, precision)
+    if reduction == "none":
+        return per
+    total = per.sum()
+    return total if reduction == "sum" else total / per.shape[0]

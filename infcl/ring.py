@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from infcl import ops
-from infcl._spec import contract, describe
+from infcl._spec import SIGMOID_SPEC_DOC, contract, describe
 from infcl._typing import Cols, Labels, Loss, Rows, Scale
 
 
@@ -67,5 +67,46 @@ describe(
         group: the process group of the ring, e.g. `torch.distributed.group.WORLD` (None:
             this process alone).
         chunk_size: rows of q per strip at every ring step (see `chunked_loss`).
+    """,
+)
+
+
+@contract
+def ring_sigmoid_loss(
+    q: Rows,
+    k: Cols,
+    scale: Scale = 1.0,
+    bias: Scale = 0.0,
+    *,
+    labels: Labels | None = None,
+    reduction: str = "mean",
+    group: dist.ProcessGroup | None = None,
+    chunk_size: int | None = None,
+) -> Loss:
+    """Sigmoid (SigLIP) loss of this rank's rows against every rank's columns, around a ring."""
+    return ops.sigmoid_loss(
+        q, k, scale, bias, labels, reduction, block="chunked", group=group,
+        chunk_size=chunk_size or 0,
+    )
+
+
+describe(
+    ring_sigmoid_loss,
+    spec=SIGMOID_SPEC_DOC,
+    extra="""
+    Across ranks (`group=` a process group of more than one rank): every rank passes its
+    shard; `labels` are GLOBAL column indices (None: the global diagonal, which needs the
+    global M == N). Each rank returns the reduction of its OWN rows against the columns of
+    every rank (`"mean"`: divided by its own row count, as open_clip's `SigLipLoss` is on each
+    rank). dq and dk are complete for the rank's rows and columns; the dscale and dbias shares
+    add up over ranks to the gradient of the sum of the ranks' losses, so DDP's averaging
+    gives the gradient of their mean (no collective of their own). Only the keys travel (the
+    row losses are sums, no statistics are merged); the key gradients travel home in backward.
+    The same opt-in, errors and status exchange as `ring_loss`; ranks must agree on scale and
+    bias. With `group=None` this is `chunked_sigmoid_loss`.
+
+    Args:
+        group: the process group of the ring (None: this process alone).
+        chunk_size: rows of q per strip at every ring step.
     """,
 )

@@ -39,7 +39,19 @@ from torch import Tensor
 
 from infcl.kernels.numerics import FLOAT_DTYPES, LSE_DTYPE, acc_dtype
 
-__all__ = ["group_name", "resolve_group", "ring_bwd", "ring_fwd", "share_status"]
+__all__ = [
+    "NO_IGNORE",
+    "group_name",
+    "resolve_group",
+    "ring_bwd",
+    "ring_fwd",
+    "ring_sigmoid_bwd",
+    "ring_sigmoid_fwd",
+    "share_status",
+]
+
+NO_IGNORE = -(1 << 63)
+"""An `ignore_index` no label can equal once its range is checked: for losses without one."""
 
 TAG_KEYS, TAG_TRAIL, TAG_STATS = 0, 1, 2
 """P2P tags: gloo matches messages by (peer, tag), and W=2 sends several tensors to one peer."""
@@ -99,8 +111,9 @@ def _wait(works: list) -> None:
         work.wait()
 
 
-_STATUS_FIELDS = 10
-"""[rejected, M_r, N_r, D, lowest label, highest label, dtype, symmetric, diagonal, scale bits]"""
+_STATUS_FIELDS = 11
+"""[rejected, M_r, N_r, D, lowest label, highest label, dtype, symmetric, diagonal, scale bits,
+bias bits]"""
 _NO_LABELS = (1 << 62, -(1 << 62))
 
 
@@ -132,13 +145,18 @@ def share_status(name: str, reason: str) -> None:
     _gather_status(ring, [1] + [0] * (_STATUS_FIELDS - 1), reason, ring.device or torch.device("cpu"))
 
 
-def _scale_bits(scale: Tensor) -> int:
-    return struct.unpack("<q", struct.pack("<d", float(scale)))[0]
+def _bits(x: Tensor | float) -> int:
+    """A number's float64 bits as an int64, to travel in the status record."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _unbits(v: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", v))[0]
 
 
 def _exchange_shapes(
     ring: _Ring, q: Tensor, k: Tensor, scale: Tensor, labels: Tensor, diagonal: bool,
-    symmetric: bool, ignore_index: int,
+    symmetric: bool, ignore_index: int, bias: Tensor | float = 0.0,
 ) -> list[list[int]]:
     """All-gather every rank's status, shard sizes and label range, and check the global batch.
 
@@ -152,7 +170,7 @@ def _exchange_shapes(
         lo = int(torch.where(keep, y, torch.full_like(y, lo)).min())
         hi = int(torch.where(keep, y, torch.full_like(y, hi)).max())
     mine = [0, q.shape[0], k.shape[0], q.shape[1], lo, hi, FLOAT_DTYPES.index(q.dtype),
-            symmetric, diagonal, _scale_bits(scale)]
+            symmetric, diagonal, _bits(scale), _bits(bias)]
     rows = _gather_status(ring, mine, "", q.device)
     ms, ns = [r[1] for r in rows], [r[2] for r in rows]
     m_all, n_all = sum(ms), sum(ns)
@@ -161,9 +179,10 @@ def _exchange_shapes(
         "dtype": lambda v: FLOAT_DTYPES[v],
         "symmetric": bool,
         "labels=None": bool,
-        "scale": lambda v: struct.unpack("<d", struct.pack("<q", v))[0],
+        "scale": _unbits,
+        "bias": _unbits,
     }
-    for (what, show), col in zip(names.items(), (3, 6, 7, 8, 9), strict=True):
+    for (what, show), col in zip(names.items(), (3, 6, 7, 8, 9, 10), strict=True):
         if len({r[col] for r in rows}) > 1:
             raise ValueError(
                 f"all ranks must agree on {what}; per rank: {[show(r[col]) for r in rows]}"
@@ -183,10 +202,10 @@ def _exchange_shapes(
         )
     bad = [i for i, r in enumerate(rows) if r[4] <= r[5] and (r[4] < 0 or r[5] >= n_all)]
     if bad:
+        allowed = "" if ignore_index == NO_IGNORE else f" or equal ignore_index={ignore_index}"
         raise ValueError(
-            f"labels are global column indices and must lie in [0, {n_all}) or equal "
-            f"ignore_index={ignore_index}; ranks {bad} hold labels in "
-            f"{[(rows[i][4], rows[i][5]) for i in bad]}"
+            f"labels are global column indices and must lie in [0, {n_all}){allowed}; ranks "
+            f"{bad} hold labels in {[(rows[i][4], rows[i][5]) for i in bad]}"
         )
     return [ms, ns]
 
@@ -365,3 +384,120 @@ def _backward(ctx, g_row, g_col, g_pos, _g_sizes):
 
 
 ring_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("infcl::ring_sigmoid_fwd", mutates_args=())
+def ring_sigmoid_fwd(
+    q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, diagonal: bool,
+    group_name: str, block: str, chunk_size: int, precision: str,
+) -> tuple[Tensor, Tensor]:
+    """The sigmoid loss of this rank's rows against every rank's columns, per row [M_r], and the
+    shard-size table. The row losses are sums over columns, so the blocks' add: no statistics
+    travel, only the keys."""
+    fwd = getattr(torch.ops.infcl, f"{block}_sigmoid_fwd")
+    ring = _Ring(group_name)
+    ms, ns = _exchange_shapes(ring, q, k, scale, labels, diagonal, False, NO_IGNORE, bias)
+    w, r = ring.world, ring.rank
+    m, d = q.shape
+    col_off = _offsets(ns)
+    y = _global_labels(labels, diagonal, m, _offsets(ms)[r])
+    s, b = scale.detach(), bias.detach()
+    per = torch.zeros(m, dtype=acc_dtype(q), device=q.device)
+    kb = k.detach().contiguous()
+    for t in range(w):
+        src = (r - t) % w
+        k_next, works = None, []
+        if t < w - 1:
+            k_next = k.new_empty((ns[(src - 1) % w], d))
+            works = ring.start([(TAG_KEYS, kb)], [(TAG_KEYS, k_next)])
+        if m and ns[src]:
+            per = per + fwd(q, kb, s, b, y, col_off[src], chunk_size, precision)
+        _wait(works)
+        if k_next is not None:
+            kb = k_next
+    return per, torch.tensor([ms, ns], dtype=torch.int64)
+
+
+@ring_sigmoid_fwd.register_fake
+def ring_sigmoid_fwd_fake(q, k, scale, bias, labels, diagonal, group_name, block, chunk_size,
+                          precision):
+    w = dist.get_world_size(resolve_group(group_name))
+    return (q.new_empty(q.shape[0], dtype=acc_dtype(q)),
+            torch.empty((2, w), dtype=torch.int64, device="cpu"))
+
+
+@torch.library.custom_op("infcl::ring_sigmoid_bwd", mutates_args=())
+def ring_sigmoid_bwd(
+    q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, sizes: Tensor,
+    diagonal: bool, g_row: Tensor, group_name: str, block: str, chunk_size: int, precision: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """This rank's dq, dk and its shares of dscale and dbias for `sum(g_row * per_row)`; the key
+    gradient follows its block one step behind and arrives home after the last step."""
+    bwd = getattr(torch.ops.infcl, f"{block}_sigmoid_bwd")
+    ring = _Ring(group_name)
+    ms, ns = sizes.tolist()
+    w, r = ring.world, ring.rank
+    acc = acc_dtype(q)
+    m, d = q.shape
+    col_off = _offsets(ns)
+    y = _global_labels(labels, diagonal, m, _offsets(ms)[r])
+    s, b = scale.detach(), bias.detach()
+    dq = torch.zeros((m, d), dtype=acc, device=q.device)
+    dscale = torch.zeros((), dtype=acc, device=q.device)
+    dbias = torch.zeros((), dtype=acc, device=q.device)
+    kb = k.detach().contiguous()
+    trail = None  # key gradient of the block finished last step, summed over the ranks so far
+    for t in range(w):
+        src = (r - t) % w
+        sends, recvs, k_next, trail_in = [], [], None, None
+        if t < w - 1:
+            k_next = k.new_empty((ns[(src - 1) % w], d))
+            sends.append((TAG_KEYS, kb))
+            recvs.append((TAG_KEYS, k_next))
+        if t > 0:
+            trail_in = dq.new_empty((ns[src], d))
+            sends.append((TAG_TRAIL, trail))
+            recvs.append((TAG_TRAIL, trail_in))
+        works = ring.start(sends, recvs)
+        if m and ns[src]:
+            dq_b, dk_b, dscale_b, dbias_b = bwd(
+                q, kb, s, b, y, col_off[src], g_row, chunk_size, precision
+            )
+            dq += dq_b
+            dscale += dscale_b
+            dbias += dbias_b
+            dk_b = dk_b.to(acc)
+        else:
+            dk_b = dq.new_zeros((ns[src], d))
+        _wait(works)
+        trail = dk_b if trail_in is None else trail_in.add_(dk_b)
+        if k_next is not None:
+            kb = k_next
+    dk = trail if w == 1 else ring.exchange(trail, dq.new_empty((ns[r], d)), TAG_TRAIL)
+    return dq.to(q.dtype), dk.to(k.dtype), dscale.to(scale.dtype), dbias.to(bias.dtype)
+
+
+@ring_sigmoid_bwd.register_fake
+def ring_sigmoid_bwd_fake(q, k, scale, bias, labels, sizes, diagonal, g_row, group_name, block,
+                          chunk_size, precision):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(scale),
+            torch.empty_like(bias))
+
+
+def _sigmoid_setup_context(ctx, inputs, output):
+    q, k, scale, bias, labels, diagonal, group, block, chunk_size, precision = inputs
+    ctx.save_for_backward(q, k, scale, bias, labels, output[1])
+    ctx.args = (diagonal, group, block, chunk_size, precision)
+
+
+def _sigmoid_backward(ctx, g_row, _g_sizes):
+    q, k, scale, bias, labels, sizes = ctx.saved_tensors
+    diagonal, group, block, chunk_size, precision = ctx.args
+    dq, dk, dscale, dbias = ring_sigmoid_bwd(
+        q, k, scale, bias, labels, sizes, diagonal, g_row.contiguous(), group, block, chunk_size,
+        precision,
+    )
+    return dq, dk, dscale, dbias, None, None, None, None, None, None
+
+
+ring_sigmoid_fwd.register_autograd(_sigmoid_backward, setup_context=_sigmoid_setup_context)
