@@ -359,3 +359,79 @@ def job_group_none_is_local(ctx: Ctx) -> list[float] | None:
 def test_group_none_is_local(pool):
     got = [x for x in pool.run(job_group_none_is_local) if x is not None]
     assert len(got) == 1 and all(abs(d) < 1e-12 for d in got[0]), got
+
+
+SIGMOID_CASES = [
+    # (ms, ns, labels (global) or None, reduction, dtype)
+    ((3, 2), (2, 3), (4, 0, 1, 3, 2), "mean", torch.float64),
+    ((4, 0, 3), (2, 3, 2), None, "sum", torch.float64),
+    ((2, 3, 1, 2), (2, 3, 1, 2), None, "none", torch.float64),
+    ((3, 3), (3, 3), None, "mean", torch.float32),
+    ((2, 2, 2), (3, 1, 2), (5, 0, 3, 3, 1, 2), "sum", torch.bfloat16),
+]
+
+
+def job_sigmoid(ctx: Ctx) -> list[str] | None:
+    """ring_sigmoid_loss on every rank's shard against naive_sigmoid_loss on the global batch:
+    each rank's loss of its own rows, dq and dk of the sum of the ranks' losses, and the dscale
+    and dbias shares adding up to that sum's gradient."""
+    from helpers import FLOOR, within
+
+    from infcl import naive_sigmoid_loss, ring_sigmoid_loss
+
+    out = []
+    for ms, ns, labels, reduction, dtype in SIGMOID_CASES:
+        world = len(ms)
+        if not ctx.member(world):
+            continue
+        group, r = ctx.group(world), ctx.group_rank(world)
+        gen = torch.Generator().manual_seed(sum(ms) * 7 + world)
+        q = torch.nn.functional.normalize(torch.randn(sum(ms), 5, generator=gen, dtype=torch.float64), dim=1)
+        k = torch.nn.functional.normalize(torch.randn(sum(ns), 5, generator=gen, dtype=torch.float64), dim=1)
+        y = None if labels is None else torch.tensor(labels)
+        rows = slice(sum(ms[:r]), sum(ms[: r + 1]))
+        cols = slice(sum(ns[:r]), sum(ns[: r + 1]))
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+
+        def reference(dt, q=q, k=k, y=y, ms=ms, reduction=reduction):
+            qq, kk = (x.to(dt).clone().requires_grad_() for x in (q, k))
+            s = torch.tensor(10.0, dtype=torch.float64 if dt == torch.float64 else torch.float32,
+                             requires_grad=True)
+            b = torch.tensor(-4.0, dtype=s.dtype, requires_grad=True)
+            per = naive_sigmoid_loss(qq, kk, s, b, labels=y, reduction="none")
+            parts = [per[sum(ms[:i]): sum(ms[: i + 1])] for i in range(len(ms))]
+            red = [p if reduction == "none" else p.sum() if reduction == "sum" else p.sum() / len(p)
+                   for p in parts]
+            sum(x.sum() for x in red).backward()
+            return red, qq.grad, kk.grad, s.grad, b.grad
+
+        truth, same = reference(torch.float64), reference(dtype)
+        qr = q.to(dtype)[rows].to(ctx.device).detach().requires_grad_()
+        kr = k.to(dtype)[cols].to(ctx.device).detach().requires_grad_()
+        s = torch.tensor(10.0, dtype=acc, device=ctx.device, requires_grad=True)
+        b = torch.tensor(-4.0, dtype=acc, device=ctx.device, requires_grad=True)
+        loss = ring_sigmoid_loss(qr, kr, s, b, labels=None if y is None else y[rows].to(ctx.device),
+                                 reduction=reduction, group=group, chunk_size=2)
+        loss.sum().backward()
+        shares = torch.stack([s.grad.double(), b.grad.double()])
+        dist.all_reduce(shares, group=group)
+        errs = []
+        pairs = [("loss", loss.detach().cpu(), same[0][r], truth[0][r]),
+                 ("dq", qr.grad.cpu(), same[1][rows], truth[1][rows]),
+                 ("dk", kr.grad.cpu(), same[2][cols], truth[2][cols]),
+                 ("dscale", shares[0].cpu(), same[3], truth[3]),
+                 ("dbias", shares[1].cpu(), same[4], truth[4])]
+        for name, x, x_ref, x64 in pairs:
+            if x.numel() == 0:
+                continue
+            ok, e, _, bound = within(x, x_ref.detach(), x64.detach().double(), floor=FLOOR[dtype])
+            if not ok:
+                errs.append(f"{name} err {e:.3g} > {bound:.3g}")
+        out.append(f"{ms} {reduction} {dtype}: " + "; ".join(errs) if errs else "")
+    return out
+
+
+def test_sigmoid_ring_matches_naive(pool):
+    per_rank = [x for x in pool.run(job_sigmoid) if x is not None]
+    bad = [m for msgs in per_rank for m in msgs if m]
+    assert per_rank and not bad, bad
