@@ -13,11 +13,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from infcl.inf import inf_loss
+from infcl.inf import inf_loss, inf_sigmoid_loss
 from infcl.ops import NO_IGNORE
 from infcl.ring import ring_loss
 
-__all__ = ["ClipLoss", "cal_inf_loss", "cal_ring_loss", "cal_flash_loss"]
+__all__ = ["ClipLoss", "SigLipLoss", "cal_inf_loss", "cal_ring_loss", "cal_flash_loss"]
 
 
 def _process_group() -> tuple[int, int]:
@@ -30,6 +30,27 @@ def _process_group() -> tuple[int, int]:
 def _default_group() -> dist.ProcessGroup | None:
     """The default process group when it has more than one rank (inf_cl's ring), else None."""
     return dist.group.WORLD if _process_group()[0] > 1 else None
+
+
+def _check_world(name: str, world_size: int, rank_arg: int) -> int:
+    """open_clip's `world_size` and `rank` against the default process group: 1 for this
+    process alone (world_size=1), the group's size when they match, else ValueError."""
+    if world_size == 1:
+        return 1
+    world, rank = _process_group()
+    if (world_size, rank_arg) != (world, rank):
+        found = (
+            f"a default process group of {world} ranks in which this is rank {rank}"
+            if dist.is_available() and dist.is_initialized()
+            else "no initialised process group (world_size 1, rank 0)"
+        )
+        raise ValueError(
+            f"{name} was built with world_size={world_size}, rank={rank_arg}, but "
+            f"there is {found}. With world_size > 1 infcl computes across the default "
+            "process group; pass its world size and rank (or world_size=1 for this "
+            "process alone)."
+        )
+    return world
 
 
 class ClipLoss(nn.Module):
@@ -92,22 +113,7 @@ class ClipLoss(nn.Module):
         self._warned_bias = False
 
     def _check_group(self) -> int:
-        if self.world_size == 1:
-            return 1
-        world, rank = _process_group()
-        if (self.world_size, self.rank) != (world, rank):
-            found = (
-                f"a default process group of {world} ranks in which this is rank {rank}"
-                if dist.is_available() and dist.is_initialized()
-                else "no initialised process group (world_size 1, rank 0)"
-            )
-            raise ValueError(
-                f"ClipLoss was built with world_size={self.world_size}, rank={self.rank}, but "
-                f"there is {found}. With world_size > 1 infcl computes across the default "
-                "process group; pass its world size and rank (or world_size=1 for this "
-                "process alone)."
-            )
-        return world
+        return _check_world(type(self).__name__, self.world_size, self.rank)
 
     def _bias_term(self, logit_bias: float | Tensor) -> float | Tensor:
         """Zero (NaN for a NaN bias), in the graph of `logit_bias` so that DDP sees it used (its
@@ -146,8 +152,7 @@ class ClipLoss(nn.Module):
         output_dict: bool = False,
     ) -> Tensor | dict[str, Tensor]:
         world = self._check_group()
-        if isinstance(logit_scale, Tensor) and logit_scale.ndim > 0 and logit_scale.numel() == 1:
-            logit_scale = logit_scale.reshape(())  # open_clip takes a one-element tensor too
+        logit_scale = _scalar(logit_scale)
         loss = inf_loss(
             image_features, text_features, logit_scale, symmetric=True,
             group=dist.group.WORLD if world > 1 else None,
@@ -156,6 +161,68 @@ class ClipLoss(nn.Module):
             loss = loss + self._bias_term(logit_bias)
         if world > 1 and not self.local_loss:
             loss = loss + (_global_mean(loss.detach(), image_features.shape[0]) - loss).detach()
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+def _scalar(x: float | Tensor) -> float | Tensor:
+    """open_clip takes one-element tensors (`[1]`) where infcl takes 0-dim ones."""
+    if isinstance(x, Tensor) and x.ndim > 0 and x.numel() == 1:
+        return x.reshape(())
+    return x
+
+
+class SigLipLoss(nn.Module):
+    """open_clip's `SigLipLoss` with the same arguments and value, computed by
+    `infcl.inf_sigmoid_loss`.
+
+    `forward` returns `-sum log sigmoid(z * S) / B` for `S = logit_scale * image_features @
+    text_features.T + logit_bias` with `z = +1` on the diagonal and `-1` elsewhere, as open_clip
+    does, without materialising `S`. With `world_size > 1` each rank's images meet every rank's
+    texts around a ring (positives on the global diagonal, each rank's sum divided by its own
+    batch), which is the value of every one of open_clip's `dist_impl` exchanges; the feature
+    gradients include those through the other ranks' texts, as open_clip's exchanges with
+    gradient do, and the scale and bias gradients are each rank's own, as open_clip's are.
+
+    Args:
+        cache_labels: accepted and ignored (no label tensor is built).
+        rank, world_size: as in open_clip; with `world_size > 1` they must match the default
+            process group, else `forward` raises ValueError. `world_size=1` is this process
+            alone, even inside a process group.
+        dist_impl: one of open_clip's `"bidir"`, `"shift"`, `"reduce"`, `"gather"` (or None);
+            all compute the same loss, which infcl computes with its ring whichever is named.
+    """
+
+    def __init__(
+        self,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        dist_impl: str | None = None,
+    ) -> None:
+        super().__init__()
+        if dist_impl not in (None, "bidir", "shift", "reduce", "gather"):
+            raise ValueError(
+                f"dist_impl must be None, 'bidir', 'shift', 'reduce' or 'gather', got {dist_impl!r}"
+            )
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.dist_impl = dist_impl or "bidir"
+
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: float | Tensor,
+        logit_bias: float | Tensor | None,
+        output_dict: bool = False,
+    ) -> Tensor | dict[str, Tensor]:
+        world = _check_world(type(self).__name__, self.world_size, self.rank)
+        loss = inf_sigmoid_loss(
+            image_features, text_features, _scalar(logit_scale),
+            0.0 if logit_bias is None else _scalar(logit_bias),
+            group=dist.group.WORLD if world > 1 else None,
+        )
         return {"contrastive_loss": loss} if output_dict else loss
 
 

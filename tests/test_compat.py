@@ -29,7 +29,7 @@ from helpers import FLOOR, assert_close_to_naive, rel_err, within
 from torch import Tensor
 
 from infcl import naive_loss
-from infcl.compat import ClipLoss, cal_flash_loss, cal_inf_loss, cal_ring_loss
+from infcl.compat import ClipLoss, SigLipLoss, cal_flash_loss, cal_inf_loss, cal_ring_loss
 
 WORLD = 3
 B, D = 5, 19  # rows per rank; D not a power of two
@@ -175,6 +175,48 @@ def test_cal_losses_reject_bad_labels(fn, labels, error, pattern) -> None:
         fn(q, q, labels, 2.0)
 
 
+def siglip_run(loss_fn: Any, img: Tensor, txt: Tensor, log_scale: float, bias: float):
+    """Loss and the gradients of image, text, the log-scale and the bias."""
+    img = img.detach().clone().requires_grad_()
+    txt = txt.detach().clone().requires_grad_()
+    acc = torch.float64 if img.dtype == torch.float64 else torch.float32
+    ls = torch.tensor(log_scale, dtype=acc, requires_grad=True)
+    b = torch.tensor(bias, dtype=acc, requires_grad=True)
+    loss = loss_fn(img, txt, ls.exp(), b)
+    loss.backward()
+    return loss.detach(), img.grad, txt.grad, ls.grad, b.grad
+
+
+SIGLIP_NAMES = (*CLIP_NAMES, "d logit_bias")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n", "log_scale", "bias"), [(37, math.log(10.0), -10.0), (5, math.log(100.0), 3.0)])
+def test_siglip_loss_matches_open_clip(dtype: torch.dtype, n: int, log_scale: float, bias: float) -> None:
+    open_clip_loss = open_clip_loss_module()
+    img, txt = features(n, D, seed=n), features(n, D, seed=n + 1)
+    truth = siglip_run(open_clip_loss.SigLipLoss(), img, txt, log_scale, bias)
+    same = siglip_run(open_clip_loss.SigLipLoss(), img.to(dtype), txt.to(dtype), log_scale, bias)
+    got = siglip_run(SigLipLoss(), img.to(dtype), txt.to(dtype), log_scale, bias)
+    assert got[1].dtype == dtype and got[2].dtype == dtype
+    err = compare(SIGLIP_NAMES, got, same, truth, dtype)
+    assert not err, err
+
+
+def test_siglip_loss_output_dict_one_element_scale_and_no_bias() -> None:
+    open_clip_loss = open_clip_loss_module()
+    img, txt = features(9, D, 0), features(9, D, 1)
+    scale = torch.full((1,), 10.0, dtype=torch.float64)
+    want = open_clip_loss.SigLipLoss(dist_impl="shift")(img, txt, scale, None, output_dict=True)
+    got = SigLipLoss(dist_impl="shift")(img, txt, scale, None, output_dict=True)
+    assert got.keys() == want.keys() == {"contrastive_loss"}
+    torch.testing.assert_close(got["contrastive_loss"], want["contrastive_loss"])
+    with pytest.raises(ValueError, match="dist_impl"):
+        SigLipLoss(dist_impl="ring")
+    with pytest.raises(ValueError, match="SigLipLoss was built with world_size=2"):
+        SigLipLoss(world_size=2, rank=0)(img, txt, scale, None)
+
+
 def test_clip_loss_rejects_what_it_cannot_honour() -> None:
     with pytest.raises(ValueError, match="Horovod"):
         ClipLoss(use_horovod=True)
@@ -309,6 +351,16 @@ def _unequal_shards(rank: int) -> str:
                      if not rel_err(x.detach(), y.detach()) <= 1e-10)
 
 
+def _siglip_dist(open_clip_loss: Any, rank: int, dist_impl: str) -> str:
+    """SigLipLoss on this rank's shard, infcl against open_clip's neighbour exchange."""
+    img_all, txt_all = features(WORLD * B, D, 70), features(WORLD * B, D, 71)
+    img, txt = img_all[rank * B:(rank + 1) * B], txt_all[rank * B:(rank + 1) * B]
+    kw = {"rank": rank, "world_size": WORLD, "dist_impl": dist_impl}
+    want = siglip_run(open_clip_loss.SigLipLoss(**kw), img, txt, math.log(10.0), -5.0)
+    got = siglip_run(SigLipLoss(**kw), img, txt, math.log(10.0), -5.0)
+    return compare(SIGLIP_NAMES, got, want, want, torch.float64)
+
+
 def _local_in_group(rank: int) -> str:
     """ClipLoss() (world_size=1, open_clip's default) inside a process group: this rank's batch
     alone, as open_clip computes it, with no collective (only rank 0 calls it)."""
@@ -346,6 +398,8 @@ def _cases(rank: int) -> dict[str, str]:
             for local in (True, False):
                 case(f"open_clip local_loss={local} {dtype}",
                      lambda d=dtype, lo=local: _local_clip(open_clip_loss, rank, d, lo))
+        for impl in ("bidir", "shift"):
+            case(f"siglip {impl}", lambda i=impl: _siglip_dist(open_clip_loss, rank, i))
     case("mismatch", lambda: _clip_mismatch(rank))
     try:
         import inf_cl
@@ -431,6 +485,14 @@ def test_dist_cal_losses_match_inf_cl(dist_results: dict[str, list[str]]) -> Non
 def test_dist_cal_loss_unequal_shards_and_flash(dist_results: dict[str, list[str]]) -> None:
     _check(dist_results, "unequal shards")
     _check(dist_results, "flash in group")
+
+
+@pytest.mark.dist
+def test_dist_siglip_loss_matches_open_clip(dist_results: dict[str, list[str]]) -> None:
+    """open_clip's SigLipLoss on 3 gloo ranks (bidir and shift exchanges): value and every
+    gradient per rank, float64."""
+    open_clip_loss_module()
+    _check(dist_results, "siglip")
 
 
 @pytest.mark.dist
