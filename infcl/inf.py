@@ -94,7 +94,7 @@ def inf_sigmoid_loss(
     group: dist.ProcessGroup | None = None,
     precision: str | None = None,
 ) -> Loss:
-    """Sigmoid (SigLIP) loss from fused tiles: Triton where `inf_loss` runs Triton."""
+    """Sigmoid (SigLIP) loss from fused Triton tiles (where `inf_loss` runs Triton)."""
     return ops.sigmoid_loss(
         q, k, scale, bias, labels, reduction, block=_sigmoid_block(q), group=group,
         precision=precision,

@@ -34,6 +34,8 @@ try:
     from infcl.kernels.configs import INTERPRET
     from infcl.kernels.lse_bwd import inf_bwd
     from infcl.kernels.lse_fwd import inf_fwd
+    from infcl.kernels.sigmoid_bwd import inf_sigmoid_bwd
+    from infcl.kernels.sigmoid_fwd import inf_sigmoid_fwd
 
     HAS_TRITON = True
 except ImportError:  # no triton on this platform: CPU tensors still work through torch tiles
@@ -41,7 +43,7 @@ except ImportError:  # no triton on this platform: CPU tensors still work throug
 
 BLOCKS = ("chunked", "inf") if HAS_TRITON else ("chunked",)
 """The block op pairs this installation has, by name."""
-SIGMOID_BLOCKS = ("chunked_sigmoid",)
+SIGMOID_BLOCKS = ("chunked_sigmoid", "inf_sigmoid") if HAS_TRITON else ("chunked_sigmoid",)
 """The sigmoid block op pairs this installation has, by name."""
 
 
@@ -368,6 +370,8 @@ def _register_sigmoid_autograd(fwd_op, bwd_op) -> None:
 
 
 _register_sigmoid_autograd(chunked_sigmoid_fwd, chunked_sigmoid_bwd)
+if HAS_TRITON:
+    _register_sigmoid_autograd(inf_sigmoid_fwd, inf_sigmoid_bwd)
 
 
 def sigmoid_loss(

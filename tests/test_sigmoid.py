@@ -240,15 +240,46 @@ def test_compiled_step_no_recompile():
     assert counter.frame_count == 1
 
 
+@pytest.fixture(scope="module")
+def small_blocks():
+    """Several forward partitions and backward blocks at the interpreter's small shapes."""
+    saved = configs.PARTS, configs.BWD_PARTS, configs.BWD_BLOCK
+    configs.PARTS, configs.BWD_PARTS, configs.BWD_BLOCK = 2, 2, 24
+    yield
+    configs.PARTS, configs.BWD_PARTS, configs.BWD_BLOCK = saved
+
+
 @pytest.mark.interpret
 @pytest.mark.skipif(not INTERPRET, reason="set TRITON_INTERPRET=1 (make test does)")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @given(c=cases(rows=st.integers(1, 40) | st.sampled_from([17, 31, 37])))
 @settings(max_examples=8)
 @example(c=Case(m=37, n=37, d=33, scale=100.0, bias=-10.0, seed=1))
 @example(c=Case(m=31, n=40, d=20, labels=tuple([3] * 30 + [39]), reduction="sum"))
-def test_triton_matches_naive_interpreted(dtype, c):
+def test_triton_matches_naive_interpreted(small_blocks, dtype, c):
     from infcl import inf
 
     assert inf._sigmoid_block(torch.empty(1, dtype=dtype)) == "inf"
     check(infcl.inf_sigmoid_loss, c, dtype, precision="ieee")
+
+
+CUDA_CASES = [(torch.bfloat16, None), (torch.float16, None)] + [
+    (torch.float32, precision) for precision in configs.PRECISIONS
+]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize(("dtype", "precision"), CUDA_CASES, ids=str)
+@given(c=cases(rows=st.integers(1, 600) | st.sampled_from([1, 97, 257, 513])))
+@settings(max_examples=10)
+@example(c=Case(m=300, n=300, d=47, scale=100.0, bias=-10.0, seed=3))
+@example(c=Case(m=4099, n=4099, d=384, scale=10.0, bias=-10.0, seed=6))
+@example(c=Case(m=8200, n=8300, d=200, labels=tuple(range(8200)), reduction="sum", seed=7))
+def test_triton_matches_naive_cuda(dtype, precision, c):
+    """The real tile configs, sizes past the 128/256 tiles and the 8192 backward block."""
+    from infcl import inf
+
+    assert inf._sigmoid_block(torch.empty(1, dtype=dtype, device="cuda")) == "inf"
+    check(infcl.inf_sigmoid_loss, c, dtype, "cuda", precision=precision)

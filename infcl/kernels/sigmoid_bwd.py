@@ -1,0 +1,144 @@
+"""Backward stage of the sigmoid (SigLIP) loss: recompute tiles of logits, turn them into
+`dS = g_row * (sigmoid(S) - onehot)`, and let two GEMMs take dq and dk from it.
+
+The positive's term is written `-sigmoid(-S)` and both come from `e = exp(-|S|)`, so neither
+cancels nor overflows. As in the softmax backward (`lse_bwd.py`), one block of at most
+`BWD_BLOCK x BWD_BLOCK` dS is materialised in the input dtype (fp16 as `dS / g_max`, away from
+underflow), with per-program partial sums of `dS * (q @ k.T)` (dscale) and of `dS` (dbias).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from infcl.kernels import configs
+from infcl.kernels.configs import INTERPRET, Tile, bwd_tile, split
+from infcl.kernels.logits import LOG2E, addmm32_, exp_precise, matmul_precision, qk_tile
+from infcl.kernels.numerics import autocast_off
+
+
+@triton.jit
+def _sigmoid_ds_kernel(
+    q_ptr, k_ptr, scale_ptr, bias_ptr, inv_g_ptr, y_ptr, g_row_ptr,
+    ds_ptr, dscale_ptr, dbias_ptr,
+    M, N, D, col_offset, cols_per_part,
+    stride_qm, stride_qd, stride_kn, stride_kd, stride_dsm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,  # the interpreter computes low-precision dots wrongly: go through fp32
+    IS_FP32: tl.constexpr,  # fp32 inputs take PRECISION (see configs.PRECISIONS); others ignore it
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1).to(tl.int64)
+    o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < M
+    col_lo = pid_c * cols_per_part
+    col_hi = tl.minimum(col_lo + cols_per_part, N)
+    s = tl.load(scale_ptr)
+    b = tl.load(bias_ptr)
+    inv_g = tl.load(inv_g_ptr)
+    b_g = tl.load(g_row_ptr + o_m, mask=m_m, other=0.0)  # [BLOCK_M]
+    b_y = tl.load(y_ptr + o_m, mask=m_m, other=-1) - col_offset
+    b_dscale = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_dbias = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start_n in range(col_lo, col_hi, BLOCK_N):
+        o_n = start_n + tl.arange(0, BLOCK_N)
+        m_n = o_n < col_hi
+        b_acc = qk_tile(  # [BLOCK_M, BLOCK_N], q @ k.T unscaled
+            q_ptr, k_ptr, o_m, o_n, m_m, m_n, D, stride_qm, stride_qd, stride_kn, stride_kd,
+            BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION,
+        )
+        b_s = b_acc * s + b
+        if IS_FP32:
+            b_e = exp_precise(-tl.abs(b_s))
+        else:
+            b_e = tl.exp2(-tl.abs(b_s) * LOG2E)
+        b_r = 1.0 / (1.0 + b_e)
+        b_big, b_small = b_r, b_e * b_r  # sigmoid(|S|), sigmoid(-|S|)
+        b_sig = tl.where(b_s >= 0, b_big, b_small)  # sigmoid(S)
+        b_sig_neg = tl.where(b_s >= 0, b_small, b_big)  # sigmoid(-S)
+        b_ds = tl.where(o_n[None, :] == b_y[:, None], -b_sig_neg, b_sig) * b_g[:, None]
+        b_ds = tl.where(m_m[:, None] & m_n[None, :], b_ds, 0.0)  # [BLOCK_M, BLOCK_N]
+        b_dscale += tl.sum(b_ds * b_acc, axis=1)
+        b_dbias += tl.sum(b_ds, axis=1)
+        p_ds = ds_ptr + o_m[:, None] * stride_dsm + o_n[None, :]
+        tl.store(p_ds, (b_ds * inv_g).to(ds_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+    o_part = pid_m * tl.num_programs(1) + pid_c
+    tl.store(dscale_ptr + o_part, tl.sum(b_dscale))
+    tl.store(dbias_ptr + o_part, tl.sum(b_dbias))
+
+
+def sigmoid_ds_bwd(
+    q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, col_offset: int,
+    g_row: Tensor, precision: str, tile: Tile | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dscale, dbias of `sum(g_row * per_row)` for one block."""
+    precision = configs.resolve_precision(precision)
+    m, n, d = q.shape[0], k.shape[0], q.shape[1]
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dq = torch.zeros_like(q)
+    dk32 = torch.zeros(k.shape, **f32)
+    dscale = torch.zeros((), **f32)
+    dbias = torch.zeros((), **f32)
+    if m == 0 or n == 0:
+        return dq, dk32.to(k.dtype), dscale.to(scale.dtype), dbias.to(bias.dtype)
+    g_row = g_row.float().contiguous()
+    if q.dtype == torch.float16:  # dS / g_max keeps fp16 dS away from underflow
+        g_max = g_row.abs().amax()
+        g_max = torch.where(g_max > 0, g_max, torch.ones_like(g_max))
+    else:
+        g_max = torch.ones((), **f32)
+    inv_g = (1.0 / g_max).reshape(1)
+    s = scale.detach().to(torch.float32).reshape(1)
+    b = bias.detach().to(torch.float32).reshape(1)
+    y = labels.contiguous()
+    t = tile or bwd_tile(q.dtype)
+    ds_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    blk = configs.BWD_BLOCK
+    ds_buf = torch.empty((min(m, blk), min(n, blk)), dtype=ds_dtype, device=q.device)
+    with matmul_precision(precision):
+        for a in range(0, m, blk):
+            e_m = min(a + blk, m)
+            dq32 = torch.zeros((e_m - a, d), **f32)
+            for c in range(0, n, blk):
+                e_n = min(c + blk, n)
+                ds = ds_buf[: e_m - a, : e_n - c]
+                n_parts, cols_per = split(e_n - c, t.block_n, configs.BWD_PARTS)
+                grid = (triton.cdiv(e_m - a, t.block_m), n_parts)
+                dscale_part = torch.empty(grid[0] * grid[1], **f32)
+                dbias_part = torch.empty(grid[0] * grid[1], **f32)
+                _sigmoid_ds_kernel[grid](
+                    q[a:e_m], k[c:e_n], s, b, inv_g, y[a:e_m], g_row[a:e_m],
+                    ds, dscale_part, dbias_part,
+                    e_m - a, e_n - c, d, col_offset + c, cols_per,
+                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), ds.stride(0),
+                    BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
+                    UPCAST=INTERPRET and q.dtype in (torch.float16, torch.bfloat16),
+                    IS_FP32=q.dtype == torch.float32, PRECISION=precision,
+                    num_warps=t.num_warps, num_stages=t.num_stages,
+                )
+                dscale += dscale_part.sum()
+                dbias += dbias_part.sum()
+                addmm32_(dq32, ds, k[c:e_n])
+                addmm32_(dk32[c:e_n], ds.T, q[a:e_m])
+            dq[a:e_m] = (dq32 * (s * g_max)).to(q.dtype)
+    dk = dk32.mul_(s * g_max).to(k.dtype)
+    return dq, dk, dscale.to(scale.dtype), dbias.to(bias.dtype)
+
+
+@torch.library.custom_op("infcl::inf_sigmoid_bwd", mutates_args=())
+@autocast_off
+def inf_sigmoid_bwd(
+    q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, col_offset: int,
+    g_row: Tensor, chunk_size: int, precision: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Triton twin of `infcl::chunked_sigmoid_bwd` (`chunk_size` unused)."""
+    return sigmoid_ds_bwd(q, k, scale, bias, labels, col_offset, g_row, precision)
+
+
+@inf_sigmoid_bwd.register_fake
+def inf_sigmoid_bwd_fake(q, k, scale, bias, labels, col_offset, g_row, chunk_size, precision):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(scale), torch.empty_like(bias)
