@@ -89,13 +89,22 @@ def check(fn, c: Case, dtype: torch.dtype, device: str = "cpu", **kw: Any) -> No
                 torch.tensor(c.bias, dtype=dt, device=device))
 
     truth = run(infcl.naive_sigmoid_loss, q.double(), k.double(), *params(torch.float64), cot, **spec)
-    ref = run(infcl.naive_sigmoid_loss, q, k, *params(acc), cot, **spec)
+    # TF32 on a GPU is measured against naive with cuBLAS TF32, under the TF32 floor
+    precision = configs.resolve_precision(kw.get("precision") or "default")
+    tf32 = dtype == torch.float32 and device == "cuda" and precision == "tf32"
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        ref = run(infcl.naive_sigmoid_loss, q, k, *params(acc), cot, **spec)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
     with poisoned_memory():
         got = run(fn, q, k, *params(acc), cot, **spec, **kw)
     assert got[0].dtype == acc and got[1].dtype == got[2].dtype == dtype
     # As for the softmax kernels: a recomputed logit may differ by an ulp between the stages.
     s_max = abs(c.scale) * float((q.double() @ k.double().T).abs().max()) + abs(c.bias)
-    floor = FLOOR[dtype] + (8 * torch.finfo(torch.float32).eps * s_max if dtype != torch.float64 else 0)
+    floor = FLOOR["tf32" if tf32 else dtype]
+    floor += 8 * torch.finfo(torch.float32).eps * s_max if dtype != torch.float64 else 0
     lines, failed = [], []
     for name, x, x_ref, x64 in zip(NAMES, got, ref, truth, strict=True):
         ok, e, e_ref, bound = within(x.cpu(), x_ref.cpu(), x64.cpu().double(), floor=floor)
