@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import sys
 import tarfile
 from pathlib import Path
@@ -143,6 +144,16 @@ def test_checkpoint_from_another_model(run_two_steps, tmp_path) -> None:
     ckpt["state_dict"]["text_projection"] = torch.zeros(3, 3)
     with pytest.raises(ValueError, match="1 shape mismatches"):
         ev.load_state(open_clip.create_model(MODEL), ckpt["state_dict"], "ckpt")
+
+
+def test_siglip_trains(shapes, tmp_path) -> None:
+    """--siglip: a learnable logit bias that the sigmoid loss moves, a finite loss every step."""
+    train.main(args(shapes, tmp_path, "--steps", "2", "--siglip"))
+    ckpt = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=False)
+    bias = ckpt["state_dict"]["logit_bias"]
+    assert bias.numel() == 1 and float(bias) != -10.0
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert len(rows) == 3 and all(math.isfinite(float(r.split(",")[1])) for r in rows[1:])
 
 
 def test_bad_arguments(shapes, tmp_path) -> None:

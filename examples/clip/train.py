@@ -44,6 +44,9 @@ from data import PairLoader  # noqa: E402
 LOG_FIELDS = ("step", "loss", "lr", "scale", "samples_per_s", "samples_seen", "corrupt")
 LOSSES = {"inf": infcl.inf_loss, "chunked": infcl.ring_loss, "naive": infcl.naive_loss}
 """`chunked` is ring_loss: torch tiles, around the ranks under torchrun, chunked_loss in one process."""
+SIGMOID_LOSSES = {"inf": infcl.inf_sigmoid_loss, "chunked": infcl.ring_sigmoid_loss,
+                  "naive": infcl.naive_sigmoid_loss}
+"""With --siglip: the same three paths of the sigmoid loss."""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -67,6 +70,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
       help="gradient cache (loss once) or open_clip accum_freq style (loss per micro-batch)")
     a("--precision", choices=("auto", "bf16", "fp32"), default="auto",
       help="autocast dtype of the encoders; auto: bf16 on CUDA, fp32 on CPU")
+    a("--siglip", action="store_true",
+      help="the sigmoid loss, with a learnable logit bias (as open_clip's --siglip: scale 10, bias -10)")
     a("--lock-image", action="store_true", help="LiT: freeze the image tower")
     a("--lock-image-from", help="checkpoint whose image tower the locked tower starts from")
     a("--compile", action="store_true", help="torch.compile the encoders")
@@ -241,8 +246,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ckpt = ev.read_checkpoint(resume_path, args.model) if resume_path else None
 
     torch.manual_seed(args.seed)  # same initial weights on every rank
+    siglip_init = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if args.siglip else {}
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        args.model, device=device)
+        args.model, device=device, **siglip_init)
     tokenizer = open_clip.get_tokenizer(args.model)
     if args.lock_image:
         if args.lock_image_from and ckpt is None:
@@ -294,13 +300,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.compile:
         encode_image, encode_text, encode_pair = (
             torch.compile(encode_image), torch.compile(encode_text), torch.compile(encode_pair))
-    loss_impl = LOSSES[args.loss]
+    loss_impl = (SIGMOID_LOSSES if args.siglip else LOSSES)[args.loss]
     if world > 1 and args.loss == "naive":
         raise ValueError("--loss naive materialises one device's logits; across ranks use inf or chunked")
     ring = {"group": dist.group.WORLD} if world > 1 else {}  # the global batch's loss
 
     def loss_fn(img, txt):
         scale = ev.unwrap(model).logit_scale.exp()
+        if args.siglip:
+            return loss_impl(img, txt.to(img.dtype), scale, ev.unwrap(model).logit_bias, **ring)
         return loss_impl(img, txt.to(img.dtype), scale, symmetric=True, **ring)
 
     loader = PairLoader(args.train_data, local_batch, preprocess_train, tokenizer,
