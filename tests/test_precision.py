@@ -139,3 +139,20 @@ def test_fp32_logits_are_unbiased_cuda(precision, bound):
     exact = (q.double() * k.double()[y]).sum(1)
     bias = float((pos.double() - exact).sum() / exact.abs().sum())
     assert abs(bias) < bound, bias
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("fn", [infcl.inf_loss, infcl.inf_sigmoid_loss], ids=lambda f: f.__name__)
+def test_autocast_computes_in_the_autocast_dtype_cuda(fn):
+    """Under CUDA autocast fp32 features take the bf16 Triton path: the numbers of bf16 inputs,
+    the loss in float32, the gradients in float32."""
+    q, k = _features(300, 70, 10).cuda(), _features(300, 70, 11).cuda()
+    kw = {"symmetric": True} if fn is infcl.inf_loss else {}
+    want = _loss_and_grads(fn, q.bfloat16(), k.bfloat16(), 9.0, **kw)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = _loss_and_grads(fn, q, k, 9.0, **kw)
+    assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.float32
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    for a, b in zip(got[1:], want[1:], strict=True):
+        torch.testing.assert_close(a, b.float(), rtol=0, atol=0)
