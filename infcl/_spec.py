@@ -287,6 +287,8 @@ def find_problem(
         )
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         return Problem("TypeError", ("ignore_index must be an int, got " + _type_name(ignore_index),))
+    if not -(1 << 63) <= ignore_index < (1 << 63):
+        return Problem("ValueError", ("ignore_index must fit in int64",))
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
             return Problem(
@@ -327,13 +329,32 @@ def find_problem(
     return None
 
 
+def _call_problem(
+    name: str, params: Any, n_positional: int, args: tuple, kwargs: dict
+) -> Problem | None:
+    """Python's own TypeError for a call `fn` cannot take, before any check reads its arguments
+    (find_problem takes the union of every loss's arguments)."""
+    if len(args) > n_positional:
+        return Problem("TypeError", (
+            name + "() takes at most ", n_positional, " positional arguments but ", len(args),
+            " were given",
+        ))
+    for key in kwargs:
+        if key not in params:
+            return Problem("TypeError", (name + "() got an unexpected keyword argument '" + key + "'",))
+    return None
+
+
 def contract(fn: F) -> F:
     """The public loss `fn`: the contract's checks first, then beartype (eager only), then `fn`."""
     typed = typechecked(fn)
+    params = inspect.signature(fn).parameters
+    n_positional = sum(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params.values())
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        problem = find_problem(*args, **kwargs)
+        problem = _call_problem(fn.__name__, params, n_positional, args, kwargs)
+        problem = problem or find_problem(*args, **kwargs)
         if problem is not None:
             group = kwargs.get("group")
             shared = isinstance(group, dist.ProcessGroup) and group_size(group) > 1

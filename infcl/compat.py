@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from infcl.inf import inf_loss, inf_sigmoid_loss
-from infcl.ops import NO_IGNORE
+from infcl.ops import NO_IGNORE, targets
 from infcl.ring import ring_loss
 
 __all__ = ["ClipLoss", "SigLipLoss", "cal_inf_loss", "cal_ring_loss", "cal_flash_loss"]
@@ -130,7 +131,7 @@ class ClipLoss(nn.Module):
                 f"logit_bias must be a floating scalar (one element), got shape "
                 f"{tuple(logit_bias.shape)}, dtype {logit_bias.dtype}"
             )
-        if not self._warned_bias:
+        if not self._warned_bias and not torch.compiler.is_compiling():
             warnings.warn(
                 "ClipLoss: a scalar logit_bias shifts every logit of a row equally, so it "
                 "cancels in the softmax: the loss is the same without it and its gradient is 0. "
@@ -139,9 +140,9 @@ class ClipLoss(nn.Module):
                 stacklevel=3,
             )
             self._warned_bias = True
-        return logit_bias.sum() * 0.0 if isinstance(logit_bias, Tensor) else (
-            math.nan if math.isnan(logit_bias) else 0.0
-        )
+        if isinstance(logit_bias, Tensor):
+            return (logit_bias.sum() * 0.0).float()  # the loss keeps its dtype, as open_clip's
+        return 0.0 if math.isfinite(logit_bias) else math.nan  # inf - inf: NaN, as open_clip
 
     def forward(
         self,
@@ -239,27 +240,45 @@ def _global_labels(
     """inf_cl's labels (indices into this rank's keys; None: 0..M-1) as global key indices of
     `group`'s ranks (None: this process alone)."""
     n = k.shape[0]
-    if labels is not None and not isinstance(labels, Tensor):
+    if group is None:  # one op checks the range, in eager and compiled mode alike
+        y = torch.arange(q.shape[0], device=q.device) if labels is None else _integer(labels)
+        if labels is None and q.shape[0] > n:
+            raise ValueError(f"labels=None means 0..M-1, which needs M <= N; got M={q.shape[0]}, N={n}")
+        return targets(y, n, NO_IGNORE)
+    # Across ranks every rank learns of any rank's bad labels before anything can block: the
+    # all-gather of the key counts carries a flag too.
+    try:
+        y = torch.arange(q.shape[0], device=q.device) if labels is None else _integer(labels)
+        problem = None
+        if bool(((y < 0) | (y >= n)).any()):
+            bad = y[(y < 0) | (y >= n)][:5].tolist()
+            problem = ValueError(
+                f"labels index this rank's keys, so they must lie in [0, {n}); got {bad}"
+                + (" (labels=None means 0..M-1, which needs M <= N)" if labels is None else "")
+            )
+    except TypeError as e:
+        y, problem = None, e
+    mine = torch.tensor([n, problem is not None], dtype=torch.long, device=k.device)
+    table = [torch.zeros_like(mine) for _ in range(group.size())]
+    dist.all_gather(table, mine, group=group)
+    if problem is not None:
+        raise problem
+    failed = [r for r, row in enumerate(table) if int(row[1])]
+    if failed:
+        raise ValueError(f"inf_cl-style labels were rejected on rank(s) {failed} of the group")
+    return y + int(sum(int(row[0]) for row in table[: dist.get_rank(group)]))
+
+
+def _integer(labels: Any) -> Tensor:
+    """`labels` as int64, or TypeError for anything but an integer tensor."""
+    if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be an integer tensor or None, got {type(labels).__name__}")
-    if labels is not None and (
-        labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool
-    ):
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(
             f"labels must be an integer tensor, got shape {tuple(labels.shape)}, dtype "
             f"{labels.dtype}"
         )
-    y = torch.arange(q.shape[0], device=q.device) if labels is None else labels.long()
-    if not torch.compiler.is_compiling() and bool(((y < 0) | (y >= n)).any()):
-        bad = y[(y < 0) | (y >= n)][:5].tolist()
-        raise ValueError(
-            f"labels index this rank's keys, so they must lie in [0, {n}); got {bad}"
-            + (" (labels=None means 0..M-1, which needs M <= N)" if labels is None else "")
-        )
-    if group is None:
-        return y
-    sizes = [torch.zeros(1, dtype=torch.long, device=k.device) for _ in range(group.size())]
-    dist.all_gather(sizes, torch.tensor([n], dtype=torch.long, device=k.device), group=group)
-    return y + int(sum(int(s) for s in sizes[: dist.get_rank(group)]))
+    return labels.long()
 
 
 def cal_inf_loss(

@@ -21,12 +21,6 @@ def _block(q: torch.Tensor) -> str:
     return "inf" if ops.HAS_TRITON and ops.INTERPRET and q.device.type == "cpu" else "chunked"
 
 
-def _sigmoid_block(q: torch.Tensor) -> str:
-    """The sigmoid loss's block: Triton tiles where they exist for it, else torch tiles."""
-    block = _block(q)
-    return block if block + "_sigmoid" in ops.SIGMOID_BLOCKS else "chunked"
-
-
 @contract
 def inf_loss(
     q: Rows,
@@ -96,7 +90,7 @@ def inf_sigmoid_loss(
 ) -> Loss:
     """Sigmoid (SigLIP) loss from fused Triton tiles (where `inf_loss` runs Triton)."""
     return ops.sigmoid_loss(
-        q, k, scale, bias, labels, reduction, block=_sigmoid_block(q), group=group,
+        q, k, scale, bias, labels, reduction, block=_block(q), group=group,
         precision=precision,
     )
 

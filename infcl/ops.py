@@ -41,10 +41,6 @@ try:
 except ImportError:  # no triton on this platform: CPU tensors still work through torch tiles
     HAS_TRITON, INTERPRET = False, False
 
-BLOCKS = ("chunked", "inf") if HAS_TRITON else ("chunked",)
-"""The block op pairs this installation has, by name."""
-SIGMOID_BLOCKS = ("chunked_sigmoid", "inf_sigmoid") if HAS_TRITON else ("chunked_sigmoid",)
-"""The sigmoid block op pairs this installation has, by name."""
 
 
 DEFAULT_TILE_ELEMENTS = 1 << 22
@@ -201,7 +197,9 @@ def targets(labels: Tensor, n: int, ignore_index: int) -> Tensor:
     An op, so that the check on the labels' values runs when a compiled graph runs too.
     """
     y = labels.to(torch.long, copy=True)  # a fresh tensor: an op's output may not alias its input
-    bad = ((y < 0) | (y >= n)) & (y != ignore_index)
+    bad = (y < 0) | (y >= n)
+    if ignore_index != NO_IGNORE:  # the sentinel is not a value to skip, not even -2**63
+        bad &= y != ignore_index
     if bool(bad.any()):
         allowed = "" if ignore_index == NO_IGNORE else f" or equal ignore_index={ignore_index}"
         raise ValueError(f"labels must lie in [0, {n}){allowed}; got {y[bad][:5].tolist()}")
@@ -245,6 +243,19 @@ def assemble(
     return total / valid.sum()
 
 
+def _prologue(q: Tensor, k: Tensor, precision: str | None) -> tuple[Tensor, Tensor, str]:
+    """Under autocast, fp32 features in the autocast dtype; `precision=None` as "default"."""
+    if q.dtype == torch.float32 and torch.is_autocast_enabled(q.device.type):
+        low = torch.get_autocast_dtype(q.device.type)
+        q, k = q.to(low), k.to(low)
+    return q, k, "default" if precision is None else precision
+
+
+def _across(group: dist.ProcessGroup | None) -> bool:
+    """Whether the loss runs around a ring: a group of more than one rank."""
+    return group is not None and dist.get_world_size(group) > 1
+
+
 def loss(
     q: Tensor, k: Tensor, scale: float | Tensor, labels: Tensor | None, symmetric: bool,
     reduction: str, ignore_index: int, *, block: str, group: dist.ProcessGroup | None = None,
@@ -256,24 +267,22 @@ def loss(
     Under autocast, fp32 features are computed in the autocast dtype (as autocast runs a matmul;
     the loss stays fp32 and their gradients come back fp32). `precision=None` follows PyTorch's
     float32 matmul precision, read when the op runs."""
-    if q.dtype == torch.float32 and torch.is_autocast_enabled(q.device.type):
-        low = torch.get_autocast_dtype(q.device.type)
-        q, k = q.to(low), k.to(low)
-    precision = "default" if precision is None else precision
+    q, k, precision = _prologue(q, k, precision)
     s = scale_tensor(scale, q)
-    valid = None if labels is None else labels.to(torch.long) != ignore_index  # any int dtype
-    if group is not None and dist.get_world_size(group) > 1:
+    if _across(group):
         diagonal = labels is None
         y = q.new_empty(0, dtype=torch.long) if diagonal else labels
+        valid = None if diagonal else labels.to(torch.long) != ignore_index  # any int dtype
         row, col, pos, _ = ring_fwd(
             q, k, s, y, diagonal, symmetric, ignore_index, group.group_name, block, chunk_size,
             precision,
         )
     else:
         if labels is None:
-            y = torch.arange(q.shape[0], device=q.device)
+            y, valid = torch.arange(q.shape[0], device=q.device), None
         else:
             y = targets(labels, k.shape[0], ignore_index)
+            valid = y != ignore_index
         fwd = getattr(torch.ops.infcl, f"{block}_fwd")
         row, col, pos = fwd(q, k, s, y, 0, symmetric, chunk_size, precision)
     return assemble(row, col, pos, valid, symmetric, reduction)
@@ -381,12 +390,9 @@ def sigmoid_loss(
 ) -> Tensor:
     """The sigmoid loss through block `block`, on this device or around `group`'s ring; the
     prologue (autocast, scale and bias, targets) and epilogue (reduction) of every sigmoid loss."""
-    if q.dtype == torch.float32 and torch.is_autocast_enabled(q.device.type):
-        low = torch.get_autocast_dtype(q.device.type)
-        q, k = q.to(low), k.to(low)
-    precision = "default" if precision is None else precision
+    q, k, precision = _prologue(q, k, precision)
     s, b = scale_tensor(scale, q), scale_tensor(bias, q)
-    if group is not None and dist.get_world_size(group) > 1:
+    if _across(group):
         diagonal = labels is None
         y = q.new_empty(0, dtype=torch.long) if diagonal else labels
         per, _ = ring_sigmoid_fwd(

@@ -139,12 +139,24 @@ def test_clip_loss_takes_a_one_element_scale() -> None:
     assert scale.grad.shape == (1,)
 
 
-@pytest.mark.parametrize("bias", [math.nan, torch.tensor(math.nan)], ids=["float", "tensor"])
-def test_clip_loss_nan_bias_gives_nan(bias: Any) -> None:
-    img = features(5, D, 0)
+@pytest.mark.parametrize(
+    "bias", [math.nan, math.inf, torch.tensor(math.nan), torch.tensor(math.inf)],
+    ids=["nan", "inf", "nan-tensor", "inf-tensor"],
+)
+def test_clip_loss_non_finite_bias_gives_nan(bias: Any) -> None:
+    """open_clip adds the bias to every logit: inf - inf in the softmax is NaN there."""
+    img = features(5, D, 0).float()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert torch.isnan(ClipLoss()(img, img, 3.0, logit_bias=bias))
+
+
+def test_clip_loss_float64_bias_keeps_the_loss_float32() -> None:
+    img = features(5, D, 0).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = ClipLoss()(img, img, 3.0, logit_bias=torch.tensor(1.0, dtype=torch.float64))
+    assert got.dtype == torch.float32
 
 
 @pytest.mark.parametrize(
@@ -361,6 +373,20 @@ def _siglip_dist(open_clip_loss: Any, rank: int, dist_impl: str) -> str:
     return compare(SIGLIP_NAMES, got, want, want, torch.float64)
 
 
+def _bad_label_on_one_rank(rank: int) -> str:
+    """Rank 0's label is outside its keys: every rank raises (none waits in a collective)."""
+    q, k = features(B, D, 80 + rank), features(B, D, 90 + rank)
+    labels = torch.arange(B)
+    if rank == 0:
+        labels[1] = B + 4
+    try:
+        cal_ring_loss(q, k, labels, 3.0)
+    except ValueError as e:
+        want = "must lie in" if rank == 0 else "rejected on rank(s) [0]"
+        return "" if want in str(e) else f"wrong message: {e}"
+    return "no error"
+
+
 def _local_in_group(rank: int) -> str:
     """ClipLoss() (world_size=1, open_clip's default) inside a process group: this rank's batch
     alone, as open_clip computes it, with no collective (only rank 0 calls it)."""
@@ -413,6 +439,7 @@ def _cases(rank: int) -> dict[str, str]:
     case("unequal shards", lambda: _unequal_shards(rank))
     case("flash in group", lambda: _flash_in_group(rank))
     case("local in group", lambda: _local_in_group(rank))
+    case("bad label on one rank", lambda: _bad_label_on_one_rank(rank))
     return out
 
 
@@ -493,6 +520,11 @@ def test_dist_siglip_loss_matches_open_clip(dist_results: dict[str, list[str]]) 
     gradient per rank, float64."""
     open_clip_loss_module()
     _check(dist_results, "siglip")
+
+
+@pytest.mark.dist
+def test_dist_bad_label_on_one_rank_fails_every_rank(dist_results: dict[str, list[str]]) -> None:
+    _check(dist_results, "bad label on one rank")
 
 
 @pytest.mark.dist

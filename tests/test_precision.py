@@ -156,3 +156,23 @@ def test_autocast_computes_in_the_autocast_dtype_cuda(fn):
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
     for a, b in zip(got[1:], want[1:], strict=True):
         torch.testing.assert_close(a, b.float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("setting", "want"), [("tf32", "tf32"), ("ieee", configs.HIGHEST)])
+def test_default_precision_follows_torchs_newer_setting(setting, want):
+    """`torch.backends.cuda.matmul.fp32_precision` (after which the older setting's getter
+    raises): resolved from it, and cuBLAS's setting restored after a backward."""
+    from infcl.kernels.logits import matmul_precision
+
+    matmul = torch.backends.cuda.matmul
+    matmul.fp32_precision = setting
+    try:
+        assert configs.resolve_precision("default") == want
+        with matmul_precision("tf32" if setting == "ieee" else "ieee"):
+            assert matmul.fp32_precision != setting
+        assert matmul.fp32_precision == setting
+        q = _features(9, 5, 12).requires_grad_()
+        infcl.inf_loss(q, _features(9, 5, 13), 3.0, symmetric=True).backward()
+    finally:
+        matmul.fp32_precision = "none"
+    assert torch.get_float32_matmul_precision() == "highest"

@@ -203,3 +203,36 @@ def test_nan_in_nan_out(fn, mode):
     q = q.clone()
     q[1, 0] = float("nan")
     assert torch.isnan(MODES[mode](fn, _base(q=q)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fn", LOSSES, ids=lambda f: f.__name__)
+def test_call_the_loss_cannot_take(fn, mode):
+    """Python's TypeError for arguments the loss does not have, not another loss's check."""
+    def four_positional():
+        return fn(q0, q0, 2.0, labels0)
+
+    if mode == "compiled":
+        torch._dynamo.reset()
+        four_positional = torch.compile(four_positional, backend="aot_eager", fullgraph=True)
+    with pytest.raises(TypeError, match="positional arguments but 4 were given"):
+        four_positional()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'temperature'"):
+        MODES[mode](fn, _base(temperature=0.1))
+
+
+@pytest.mark.parametrize("ignore_index", [1 << 63, -(1 << 64)])
+def test_ignore_index_must_fit_int64(ignore_index):
+    with pytest.raises(ValueError, match="int64"):
+        _call(infcl.chunked_loss, _base(ignore_index=ignore_index))
+
+
+@pytest.mark.parametrize(
+    "fn", [infcl.naive_sigmoid_loss, infcl.chunked_sigmoid_loss, infcl.inf_sigmoid_loss],
+    ids=lambda f: f.__name__,
+)
+def test_int64_min_is_a_label_out_of_range(fn):
+    """-2**63 is infcl's own 'no ignore_index' sentinel; as a label it is out of range."""
+    labels = torch.tensor([0, 1, 2, -(1 << 63)])
+    with pytest.raises(ValueError, match="labels must lie in"):
+        fn(q0, k0, 2.0, 1.0, labels=labels)

@@ -31,6 +31,7 @@ ranks fail at once with the reason instead of waiting in the ring for the proces
 
 from __future__ import annotations
 
+import math
 import struct
 
 import torch
@@ -146,8 +147,11 @@ def share_status(name: str, reason: str) -> None:
 
 
 def _bits(x: Tensor | float) -> int:
-    """A number's float64 bits as an int64, to travel in the status record."""
-    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+    """A number's float64 bits as an int64, to travel in the status record (-0.0 as 0.0, every
+    NaN as one NaN, so that equal numbers compare equal)."""
+    v = float(x)
+    v = math.nan if math.isnan(v) else v + 0.0
+    return struct.unpack("<q", struct.pack("<d", v))[0]
 
 
 def _unbits(v: int) -> float:
@@ -166,12 +170,12 @@ def _exchange_shapes(
     lo, hi = _NO_LABELS
     if not diagonal and labels.numel():
         y = labels.long()
-        keep = y != ignore_index
+        keep = y != ignore_index if ignore_index != NO_IGNORE else torch.ones_like(y, dtype=torch.bool)
         lo = int(torch.where(keep, y, torch.full_like(y, lo)).min())
         hi = int(torch.where(keep, y, torch.full_like(y, hi)).max())
     mine = [0, q.shape[0], k.shape[0], q.shape[1], lo, hi, FLOAT_DTYPES.index(q.dtype),
             symmetric, diagonal, _bits(scale), _bits(bias)]
-    rows = _gather_status(ring, mine, "", q.device)
+    rows = _gather_status(ring, mine, "", ring.device or torch.device("cpu"))
     ms, ns = [r[1] for r in rows], [r[2] for r in rows]
     m_all, n_all = sum(ms), sum(ns)
     names = {

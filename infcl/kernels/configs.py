@@ -30,12 +30,23 @@ HIGHEST = "tf32x3"
 """What `torch.get_float32_matmul_precision() == "highest"` (PyTorch's default) selects."""
 
 
+def new_fp32_api() -> str:
+    """PyTorch's newer float32 setting for CUDA matmuls ("ieee" or "tf32"), or "none" while
+    only the older one (`set_float32_matmul_precision`, `allow_tf32`) is in use. Once the newer
+    one is set, reading the older one raises, so it is read first."""
+    matmul = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    return matmul if matmul != "none" else getattr(torch.backends, "fp32_precision", "none")
+
+
 def resolve_precision(precision: str) -> str:
-    """`precision`, or for "default" the one PyTorch's float32 matmul precision asks for:
-    "highest" -> `HIGHEST`, "high" and "medium" -> "tf32". Read when the op runs, so a compiled
-    graph follows the setting of the moment."""
+    """`precision`, or for "default" the one PyTorch's float32 matmul setting asks for:
+    "highest" (or "ieee") -> `HIGHEST`, "high" and "medium" (or "tf32") -> "tf32". Read when
+    the op runs, so a compiled graph follows the setting of the moment."""
     if precision != "default":
         return precision
+    new = new_fp32_api()
+    if new != "none":
+        return "tf32" if new == "tf32" else HIGHEST
     return HIGHEST if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 

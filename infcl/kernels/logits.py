@@ -11,6 +11,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from infcl.kernels import configs
+
 LOG2E = tl.constexpr(1.4426950408889634)
 """log2(e): the kernels take exponentials as `exp2(x * LOG2E)`."""
 LOG2E_LO = tl.constexpr(1.92596298909109e-08)
@@ -70,13 +72,18 @@ def qk_tile(
 
 @contextlib.contextmanager
 def matmul_precision(precision: str) -> Iterator[None]:
-    """cuBLAS follows the fp32 precision asked for (TF32 only for "tf32"); restored on exit."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    """cuBLAS follows the fp32 precision asked for (TF32 only for "tf32"), through whichever of
+    PyTorch's two settings is in use (mixing them raises); restored on exit."""
+    matmul = torch.backends.cuda.matmul
+    if configs.new_fp32_api() != "none":
+        old, attr, new = matmul.fp32_precision, "fp32_precision", "tf32" if precision == "tf32" else "ieee"
+    else:
+        old, attr, new = matmul.allow_tf32, "allow_tf32", precision == "tf32"
+    setattr(matmul, attr, new)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+        setattr(matmul, attr, old)
 
 
 def addmm32_(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
