@@ -4,7 +4,8 @@ kernels recompute, and the backward's cuBLAS helpers (fp32 accumulation, fp32 pr
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import triton
@@ -92,3 +93,54 @@ def addmm32_(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
     if a.dtype == torch.float32 or not a.is_cuda:
         return acc.addmm_(a.float(), b.float())
     return torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+
+
+def fp16_grad_scale(q: Tensor, *grads: Tensor) -> Tensor:
+    """The largest incoming gradient for fp16 inputs (dS is stored as `dS / g_max`, away from
+    fp16's underflow), 1 otherwise: bf16 and fp32 have fp32's range and need no scaling."""
+    if q.dtype != torch.float16:
+        return torch.ones((), dtype=torch.float32, device=q.device)
+    g_max = torch.stack([g.abs().amax() for g in grads if g.numel()]).amax().float()
+    return torch.where(g_max > 0, g_max, torch.ones_like(g_max))
+
+
+LaunchDS = Callable[[slice, slice, Tensor, list[Tensor], tuple[int, int], int], None]
+
+
+def ds_gemms(
+    q: Tensor, k: Tensor, scale: Tensor, g_max: Tensor, tile: Any, n_sums: int,
+    precision: str, launch: LaunchDS,
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """The backward's block loop, shared by the softmax and sigmoid losses: for each block of
+    at most `BWD_BLOCK x BWD_BLOCK` logits, `launch(rows, cols, ds, sums, grid, cols_per_part)`
+    runs a dS kernel that writes the block's `dS / g_max` into `ds` and per-program partial sums
+    into the `n_sums` buffers `sums`; cuBLAS then adds `dS @ k` into an fp32 dq block and
+    `dS.T @ q` into the fp32 dk accumulator. Returns dq, dk (input dtypes, times `scale * g_max`)
+    and the fp32 totals of the partial sums. q and k are not empty."""
+    m, n, d = q.shape[0], k.shape[0], q.shape[1]
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dq = torch.empty_like(q)
+    dk32 = torch.zeros(k.shape, **f32)
+    totals = [torch.zeros((), **f32) for _ in range(n_sums)]
+    ds_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    blk = configs.BWD_BLOCK
+    ds_buf = torch.empty((min(m, blk), min(n, blk)), dtype=ds_dtype, device=q.device)
+    factor = scale.detach().to(torch.float32) * g_max
+    with matmul_precision(precision):
+        for a in range(0, m, blk):
+            rows = slice(a, min(a + blk, m))
+            dq32 = torch.zeros((rows.stop - a, d), **f32)
+            for c in range(0, n, blk):
+                cols = slice(c, min(c + blk, n))
+                ds = ds_buf[: rows.stop - a, : cols.stop - c]
+                n_parts, cols_per = configs.split(cols.stop - c, tile.block_n, configs.BWD_PARTS)
+                grid = (triton.cdiv(rows.stop - a, tile.block_m), n_parts)
+                sums = [torch.empty(grid[0] * grid[1], **f32) for _ in range(n_sums)]
+                launch(rows, cols, ds, sums, grid, cols_per)
+                for total, part in zip(totals, sums, strict=True):
+                    total += part.sum()
+                addmm32_(dq32, ds, k[cols])
+                addmm32_(dk32[cols], ds.T, q[rows])
+            dq[rows] = (dq32 * factor).to(q.dtype)
+    dk = dk32.mul_(factor).to(k.dtype)  # in place: an fp32 [N, D] temporary is a lot at large N
+    return dq, dk, totals

@@ -17,8 +17,8 @@ import triton.language as tl
 from torch import Tensor
 
 from infcl.kernels import configs
-from infcl.kernels.configs import INTERPRET, Tile, bwd_tile, split
-from infcl.kernels.logits import LOG2E, addmm32_, exp_precise, matmul_precision, qk_tile
+from infcl.kernels.configs import INTERPRET, Tile, bwd_tile
+from infcl.kernels.logits import LOG2E, ds_gemms, exp_precise, fp16_grad_scale, qk_tile
 from infcl.kernels.numerics import autocast_off, split_lse
 
 
@@ -91,21 +91,10 @@ def ds_bwd(
     The loss is symmetric when `col_lse` is not empty."""
     precision = configs.resolve_precision(precision)
     m, n, d = q.shape[0], k.shape[0], q.shape[1]
-    f32 = dict(dtype=torch.float32, device=q.device)
-    dq = torch.zeros_like(q)
-    dk32 = torch.zeros(k.shape, **f32)
-    dscale = torch.zeros((), **f32)
     if m == 0 or n == 0:
-        return dq, dk32.to(k.dtype), dscale.to(scale.dtype)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(scale)
     symmetric = col_lse.numel() > 0
-    if q.dtype == torch.float16:  # dS / g_max keeps fp16 dS away from underflow
-        g_all = [g_row.abs().amax(), g_pos.abs().amax()] + (
-            [g_col.abs().amax()] if symmetric else []
-        )
-        g_max = torch.stack(g_all).amax().float()
-        g_max = torch.where(g_max > 0, g_max, torch.ones_like(g_max))
-    else:  # bf16 and fp32 have fp32's range: no scaling, and no rounding of its own
-        g_max = torch.ones((), **f32)
+    g_max = fp16_grad_scale(q, g_row, g_pos, g_col)
     inv_g = (1.0 / g_max).reshape(1)
     s = scale.detach().to(torch.float32).reshape(1)
     # autograd hands in expanded (stride-0) gradients; the kernel indexes them as dense vectors
@@ -116,39 +105,25 @@ def ds_bwd(
         c_hi, c_lo, g_col = r_hi, r_lo, g_row  # never read; any valid pointer will do
     y = labels.contiguous()
     t = tile or bwd_tile(q.dtype)
-    ds_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    blk = configs.BWD_BLOCK
-    ds_buf = torch.empty((min(m, blk), min(n, blk)), dtype=ds_dtype, device=q.device)
-    with matmul_precision(precision):
-        for a in range(0, m, blk):
-            b = min(a + blk, m)
-            dq32 = torch.zeros((b - a, d), **f32)
-            for c in range(0, n, blk):
-                e = min(c + blk, n)
-                ds = ds_buf[: b - a, : e - c]
-                n_parts, cols_per = split(e - c, t.block_n, configs.BWD_PARTS)
-                grid = (triton.cdiv(b - a, t.block_m), n_parts)
-                dscale_part = torch.empty(grid[0] * grid[1], **f32)
-                _ds_kernel[grid](
-                    q[a:b], k[c:e], s, inv_g, y[a:b],
-                    r_hi[a:b], r_lo[a:b], c_hi[c:e] if symmetric else c_hi,
-                    c_lo[c:e] if symmetric else c_lo,
-                    g_row[a:b], g_col[c:e] if symmetric else g_col, g_pos[a:b],
-                    ds, dscale_part,
-                    b - a, e - c, d, col_offset + c, cols_per,
-                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), ds.stride(0),
-                    BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
-                    SYMMETRIC=symmetric,
-                    UPCAST=INTERPRET and q.dtype in (torch.float16, torch.bfloat16),
-                    IS_FP32=q.dtype == torch.float32, PRECISION=precision,
-                    PRECISE=q.dtype == torch.float32,
-                    num_warps=t.num_warps, num_stages=t.num_stages,
-                )
-                dscale += dscale_part.sum()
-                addmm32_(dq32, ds, k[c:e])
-                addmm32_(dk32[c:e], ds.T, q[a:b])
-            dq[a:b] = (dq32 * (s * g_max)).to(q.dtype)
-    dk = dk32.mul_(s * g_max).to(k.dtype)  # in place: an fp32 [N, D] temporary is a lot at large N
+
+    def launch(rows, cols, ds, sums, grid, cols_per):
+        c_rows = cols if symmetric else slice(None)
+        _ds_kernel[grid](
+            q[rows], k[cols], s, inv_g, y[rows],
+            r_hi[rows], r_lo[rows], c_hi[c_rows], c_lo[c_rows],
+            g_row[rows], g_col[c_rows], g_pos[rows],
+            ds, sums[0],
+            ds.shape[0], ds.shape[1], d, col_offset + cols.start, cols_per,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), ds.stride(0),
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
+            SYMMETRIC=symmetric,
+            UPCAST=INTERPRET and q.dtype in (torch.float16, torch.bfloat16),
+            IS_FP32=q.dtype == torch.float32, PRECISION=precision,
+            PRECISE=q.dtype == torch.float32,
+            num_warps=t.num_warps, num_stages=t.num_stages,
+        )
+
+    dq, dk, (dscale,) = ds_gemms(q, k, scale, g_max, t, 1, precision, launch)
     return dq, dk, dscale.to(scale.dtype)
 
 

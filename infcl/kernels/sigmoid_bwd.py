@@ -15,8 +15,8 @@ import triton.language as tl
 from torch import Tensor
 
 from infcl.kernels import configs
-from infcl.kernels.configs import INTERPRET, Tile, bwd_tile, split
-from infcl.kernels.logits import LOG2E, addmm32_, exp_precise, matmul_precision, qk_tile
+from infcl.kernels.configs import INTERPRET, Tile, bwd_tile
+from infcl.kernels.logits import LOG2E, ds_gemms, exp_precise, fp16_grad_scale, qk_tile
 from infcl.kernels.numerics import autocast_off
 
 
@@ -78,54 +78,30 @@ def sigmoid_ds_bwd(
     """dq, dk, dscale, dbias of `sum(g_row * per_row)` for one block."""
     precision = configs.resolve_precision(precision)
     m, n, d = q.shape[0], k.shape[0], q.shape[1]
-    f32 = dict(dtype=torch.float32, device=q.device)
-    dq = torch.zeros_like(q)
-    dk32 = torch.zeros(k.shape, **f32)
-    dscale = torch.zeros((), **f32)
-    dbias = torch.zeros((), **f32)
     if m == 0 or n == 0:
-        return dq, dk32.to(k.dtype), dscale.to(scale.dtype), dbias.to(bias.dtype)
+        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(scale),
+                torch.zeros_like(bias))
     g_row = g_row.float().contiguous()
-    if q.dtype == torch.float16:  # dS / g_max keeps fp16 dS away from underflow
-        g_max = g_row.abs().amax()
-        g_max = torch.where(g_max > 0, g_max, torch.ones_like(g_max))
-    else:
-        g_max = torch.ones((), **f32)
+    g_max = fp16_grad_scale(q, g_row)
     inv_g = (1.0 / g_max).reshape(1)
     s = scale.detach().to(torch.float32).reshape(1)
     b = bias.detach().to(torch.float32).reshape(1)
     y = labels.contiguous()
     t = tile or bwd_tile(q.dtype)
-    ds_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    blk = configs.BWD_BLOCK
-    ds_buf = torch.empty((min(m, blk), min(n, blk)), dtype=ds_dtype, device=q.device)
-    with matmul_precision(precision):
-        for a in range(0, m, blk):
-            e_m = min(a + blk, m)
-            dq32 = torch.zeros((e_m - a, d), **f32)
-            for c in range(0, n, blk):
-                e_n = min(c + blk, n)
-                ds = ds_buf[: e_m - a, : e_n - c]
-                n_parts, cols_per = split(e_n - c, t.block_n, configs.BWD_PARTS)
-                grid = (triton.cdiv(e_m - a, t.block_m), n_parts)
-                dscale_part = torch.empty(grid[0] * grid[1], **f32)
-                dbias_part = torch.empty(grid[0] * grid[1], **f32)
-                _sigmoid_ds_kernel[grid](
-                    q[a:e_m], k[c:e_n], s, b, inv_g, y[a:e_m], g_row[a:e_m],
-                    ds, dscale_part, dbias_part,
-                    e_m - a, e_n - c, d, col_offset + c, cols_per,
-                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), ds.stride(0),
-                    BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
-                    UPCAST=INTERPRET and q.dtype in (torch.float16, torch.bfloat16),
-                    IS_FP32=q.dtype == torch.float32, PRECISION=precision,
-                    num_warps=t.num_warps, num_stages=t.num_stages,
-                )
-                dscale += dscale_part.sum()
-                dbias += dbias_part.sum()
-                addmm32_(dq32, ds, k[c:e_n])
-                addmm32_(dk32[c:e_n], ds.T, q[a:e_m])
-            dq[a:e_m] = (dq32 * (s * g_max)).to(q.dtype)
-    dk = dk32.mul_(s * g_max).to(k.dtype)
+
+    def launch(rows, cols, ds, sums, grid, cols_per):
+        _sigmoid_ds_kernel[grid](
+            q[rows], k[cols], s, b, inv_g, y[rows], g_row[rows],
+            ds, sums[0], sums[1],
+            ds.shape[0], ds.shape[1], d, col_offset + cols.start, cols_per,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), ds.stride(0),
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
+            UPCAST=INTERPRET and q.dtype in (torch.float16, torch.bfloat16),
+            IS_FP32=q.dtype == torch.float32, PRECISION=precision,
+            num_warps=t.num_warps, num_stages=t.num_stages,
+        )
+
+    dq, dk, (dscale, dbias) = ds_gemms(q, k, scale, g_max, t, 2, precision, launch)
     return dq, dk, dscale.to(scale.dtype), dbias.to(bias.dtype)
 
 
