@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -228,6 +229,47 @@ def _global_labels(labels: Tensor, diagonal: bool, m: int, row_offset: int) -> T
     return labels.long()
 
 
+def _backward_ring(
+    ring: _Ring, k: Tensor, ns: list[int], acc: torch.dtype, stats: Tensor | None,
+    step: Callable[[int, Tensor, Tensor | None], Tensor],
+) -> Tensor:
+    """The backward's ring, shared by both losses. At step t the key block of rank
+    `src = r - t` (with `stats`, its column statistics, when given) is sent ahead to the next
+    rank while `step(src, keys, stats)` computes this rank's rows against it and returns the
+    block's key gradient (`acc` dtype). That gradient follows its block one step behind, each
+    rank adding its rows' part, and arrives home after the last step: the return value, this
+    rank's dk summed over every rank's rows."""
+    w, r = ring.world, ring.rank
+    d = k.shape[1]
+    kb = k.detach().contiguous()
+    trail = None  # key gradient of the block finished last step, summed over the ranks so far
+    for t in range(w):
+        src = (r - t) % w
+        sends, recvs, k_next, stats_next, trail_in = [], [], None, None, None
+        if t < w - 1:
+            n_next = ns[(src - 1) % w]
+            k_next = k.new_empty((n_next, d))
+            sends.append((TAG_KEYS, kb))
+            recvs.append((TAG_KEYS, k_next))
+            if stats is not None:
+                stats_next = stats.new_empty((stats.shape[0], n_next))
+                sends.append((TAG_STATS, stats))
+                recvs.append((TAG_STATS, stats_next))
+        if t > 0:
+            trail_in = torch.empty((ns[src], d), dtype=acc, device=k.device)
+            sends.append((TAG_TRAIL, trail))
+            recvs.append((TAG_TRAIL, trail_in))
+        works = ring.start(sends, recvs)
+        dk_b = step(src, kb, stats)
+        _wait(works)
+        trail = dk_b if trail_in is None else trail_in.add_(dk_b)
+        if k_next is not None:
+            kb, stats = k_next, stats_next
+    if w == 1:
+        return trail
+    return ring.exchange(trail, torch.empty((ns[r], d), dtype=acc, device=k.device), TAG_TRAIL)
+
+
 @torch.library.custom_op("infcl::ring_fwd", mutates_args=())
 def ring_fwd(
     q: Tensor, k: Tensor, scale: Tensor, labels: Tensor, diagonal: bool, symmetric: bool,
@@ -314,7 +356,7 @@ def ring_bwd(
     _, bwd = _block_ops(block)
     ring = _Ring(group_name)
     ms, ns = sizes.tolist()
-    w, r = ring.world, ring.rank
+    r = ring.rank
     acc = acc_dtype(q)
     m, d = q.shape
     col_off = _offsets(ns)
@@ -322,42 +364,21 @@ def ring_bwd(
     s = scale.detach()
     dq = torch.zeros((m, d), dtype=acc, device=q.device)
     dscale = torch.zeros((), dtype=acc, device=q.device)
-    kb = k.detach().contiguous()
-    stats = torch.stack([col_lse, g_col.to(col_lse.dtype)]) if symmetric else None  # [2, N_src]: LSE and its grad
+    stats = torch.stack([col_lse, g_col.to(col_lse.dtype)]) if symmetric else None  # [2, N_src]
     no_col = row_lse.new_empty(0)
-    trail = None  # key gradient of the block finished last step, summed over the ranks so far
-    for t in range(w):
-        src = (r - t) % w
-        sends, recvs, k_next, stats_next, trail_in = [], [], None, None, None
-        if t < w - 1:
-            n_next = ns[(src - 1) % w]
-            k_next = k.new_empty((n_next, d))
-            sends.append((TAG_KEYS, kb))
-            recvs.append((TAG_KEYS, k_next))
-            if stats is not None:
-                stats_next = row_lse.new_empty((2, n_next))
-                sends.append((TAG_STATS, stats))
-                recvs.append((TAG_STATS, stats_next))
-        if t > 0:
-            trail_in = dq.new_empty((ns[src], d))
-            sends.append((TAG_TRAIL, trail))
-            recvs.append((TAG_TRAIL, trail_in))
-        works = ring.start(sends, recvs)
-        if m and ns[src]:
-            c_lse, c_g = (stats[0], stats[1]) if stats is not None else (no_col, no_col)
-            dq_b, dk_b, dscale_b = bwd(
-                q, kb, s, y, col_off[src], row_lse, c_lse, g_row, c_g, g_pos, chunk_size, precision
-            )
-            dq += dq_b
-            dscale += dscale_b
-            dk_b = dk_b.to(acc)
-        else:
-            dk_b = dq.new_zeros((ns[src], d))
-        _wait(works)
-        trail = dk_b if trail_in is None else trail_in.add_(dk_b)
-        if k_next is not None:
-            kb, stats = k_next, stats_next
-    dk = trail if w == 1 else ring.exchange(trail, dq.new_empty((ns[r], d)), TAG_TRAIL)
+
+    def step(src: int, kb: Tensor, stats_b: Tensor | None) -> Tensor:
+        if not (m and ns[src]):
+            return dq.new_zeros((ns[src], d))
+        c_lse, c_g = (stats_b[0], stats_b[1]) if stats_b is not None else (no_col, no_col)
+        dq_b, dk_b, dscale_b = bwd(
+            q, kb, s, y, col_off[src], row_lse, c_lse, g_row, c_g, g_pos, chunk_size, precision
+        )
+        dq.add_(dq_b)
+        dscale.add_(dscale_b)
+        return dk_b.to(acc)
+
+    dk = _backward_ring(ring, k, ns, acc, stats, step)
     return dq.to(q.dtype), dk.to(k.dtype), dscale.to(scale.dtype)
 
 
@@ -440,7 +461,7 @@ def ring_sigmoid_bwd(
     bwd = getattr(torch.ops.infcl, f"{block}_sigmoid_bwd")
     ring = _Ring(group_name)
     ms, ns = sizes.tolist()
-    w, r = ring.world, ring.rank
+    r = ring.rank
     acc = acc_dtype(q)
     m, d = q.shape
     col_off = _offsets(ns)
@@ -449,35 +470,19 @@ def ring_sigmoid_bwd(
     dq = torch.zeros((m, d), dtype=acc, device=q.device)
     dscale = torch.zeros((), dtype=acc, device=q.device)
     dbias = torch.zeros((), dtype=acc, device=q.device)
-    kb = k.detach().contiguous()
-    trail = None  # key gradient of the block finished last step, summed over the ranks so far
-    for t in range(w):
-        src = (r - t) % w
-        sends, recvs, k_next, trail_in = [], [], None, None
-        if t < w - 1:
-            k_next = k.new_empty((ns[(src - 1) % w], d))
-            sends.append((TAG_KEYS, kb))
-            recvs.append((TAG_KEYS, k_next))
-        if t > 0:
-            trail_in = dq.new_empty((ns[src], d))
-            sends.append((TAG_TRAIL, trail))
-            recvs.append((TAG_TRAIL, trail_in))
-        works = ring.start(sends, recvs)
-        if m and ns[src]:
-            dq_b, dk_b, dscale_b, dbias_b = bwd(
-                q, kb, s, b, y, col_off[src], g_row, chunk_size, precision
-            )
-            dq += dq_b
-            dscale += dscale_b
-            dbias += dbias_b
-            dk_b = dk_b.to(acc)
-        else:
-            dk_b = dq.new_zeros((ns[src], d))
-        _wait(works)
-        trail = dk_b if trail_in is None else trail_in.add_(dk_b)
-        if k_next is not None:
-            kb = k_next
-    dk = trail if w == 1 else ring.exchange(trail, dq.new_empty((ns[r], d)), TAG_TRAIL)
+
+    def step(src: int, kb: Tensor, _stats: Tensor | None) -> Tensor:
+        if not (m and ns[src]):
+            return dq.new_zeros((ns[src], d))
+        dq_b, dk_b, dscale_b, dbias_b = bwd(
+            q, kb, s, b, y, col_off[src], g_row, chunk_size, precision
+        )
+        dq.add_(dq_b)
+        dscale.add_(dscale_b)
+        dbias.add_(dbias_b)
+        return dk_b.to(acc)
+
+    dk = _backward_ring(ring, k, ns, acc, None, step)
     return dq.to(q.dtype), dk.to(k.dtype), dscale.to(scale.dtype), dbias.to(bias.dtype)
 
 
