@@ -1,6 +1,7 @@
 """The CLIP demo: generate shapes data, train a tiny CLIP on CPU, report held-out figures.
 
-    python examples/clip/demo.py            # what `make demo-clip` runs; a few minutes on 2 cores
+    python examples/clip/demo.py            # what `make demo` runs (training: 153 s on 2 CPU cores)
+    python examples/clip/demo.py --steps 60 # a shorter run (a couple of minutes, lower accuracy)
 
 1. Writes 8,000 captioned training images and 600 held-out ones as webdataset shards under
    out/clip-demo/data (once; later runs reuse them).

@@ -197,7 +197,7 @@ def plot(out: Path) -> Path:
     axes[0].plot(steps, [float(r["loss"]) for r in log])
     axes[0].set(xlabel="step", ylabel="loss", title="contrastive loss (global batch)")
     axes[1].plot(steps, [float(r["scale"]) for r in log])
-    axes[1].set(xlabel="step", ylabel="exp(logit_scale)", title="temperature")
+    axes[1].set(xlabel="step", ylabel="exp(logit_scale)", title="logit scale (inverse temperature)")
     for key in (evals[0].keys() if evals else []):
         if key != "step" and ("top" in key or "R@" in key):
             axes[2].plot([int(r["step"]) for r in evals], [float(r[key]) for r in evals],
