@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from infcl._typing import typechecked
-from infcl.dist.ring import share_status
+from infcl.dist.ring import group_size, share_status
 from infcl.kernels.configs import PRECISIONS
 from infcl.kernels.numerics import FLOAT_DTYPES
 
@@ -209,11 +209,6 @@ def _show(x: Any) -> Part:
     if isinstance(x, int):
         return x
     return "a " + _type_name(x)
-
-
-def group_size(group: Any) -> int:
-    """Ranks in `group`; None means this process alone."""
-    return 1 if group is None else dist.get_world_size(group)
 
 
 def find_problem(

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from infcl.dist.ring import NO_IGNORE, ring_fwd, ring_sigmoid_fwd
+from infcl.dist.ring import NO_IGNORE, group_size, ring_fwd, ring_sigmoid_fwd
 from infcl.kernels.numerics import LSE_DTYPE, acc_dtype, autocast_off, split_lse
 
 try:
@@ -251,11 +251,6 @@ def _prologue(q: Tensor, k: Tensor, precision: str | None) -> tuple[Tensor, Tens
     return q, k, "default" if precision is None else precision
 
 
-def _across(group: dist.ProcessGroup | None) -> bool:
-    """Whether the loss runs around a ring: a group of more than one rank."""
-    return group is not None and dist.get_world_size(group) > 1
-
-
 def loss(
     q: Tensor, k: Tensor, scale: float | Tensor, labels: Tensor | None, symmetric: bool,
     reduction: str, ignore_index: int, *, block: str, group: dist.ProcessGroup | None = None,
@@ -269,7 +264,7 @@ def loss(
     float32 matmul precision, read when the op runs."""
     q, k, precision = _prologue(q, k, precision)
     s = scale_tensor(scale, q)
-    if _across(group):
+    if group_size(group) > 1:
         diagonal = labels is None
         y = q.new_empty(0, dtype=torch.long) if diagonal else labels
         valid = None if diagonal else labels.to(torch.long) != ignore_index  # any int dtype
@@ -392,7 +387,7 @@ def sigmoid_loss(
     prologue (autocast, scale and bias, targets) and epilogue (reduction) of every sigmoid loss."""
     q, k, precision = _prologue(q, k, precision)
     s, b = scale_tensor(scale, q), scale_tensor(bias, q)
-    if _across(group):
+    if group_size(group) > 1:
         diagonal = labels is None
         y = q.new_empty(0, dtype=torch.long) if diagonal else labels
         per, _ = ring_sigmoid_fwd(

@@ -233,3 +233,12 @@ def poisoned_memory() -> Iterator[None]:
         torch.utils.deterministic.fill_uninitialized_memory = fill
         torch.use_deterministic_algorithms(det, warn_only=warn_only)
 
+
+def runs_tf32(dtype: torch.dtype, device: str, precision: str | None) -> bool:
+    """Whether an infcl loss multiplies `dtype` in TF32 on `device` at `precision` (None:
+    PyTorch's setting). Then its reference in the same dtype is naive with cuBLAS TF32
+    (`matmul_precision("tf32")` around it) and its floor is `FLOOR["tf32"]`."""
+    from infcl.kernels import configs
+
+    tf32 = configs.resolve_precision(precision or "default") == "tf32"
+    return dtype == torch.float32 and device == "cuda" and tf32

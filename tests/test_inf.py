@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FLOOR, assert_close_to_naive, run
+from helpers import FLOOR, assert_close_to_naive, run, runs_tf32
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from strategies import Problem, problems
@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import infcl
 from infcl import inf
 from infcl.kernels import configs
+from infcl.kernels.logits import matmul_precision
 
 INTERPRET = configs.INTERPRET
 HAS_CUDA = torch.cuda.is_available()
@@ -56,8 +57,7 @@ def check(p: Problem, dtype: torch.dtype, device: str, **kw) -> None:
     kwargs = p.kwargs()
     if kwargs["labels"] is not None:
         kwargs["labels"] = kwargs["labels"].to(device)
-    precision = configs.resolve_precision(kw.get("precision") or "default")
-    tf32 = dtype == torch.float32 and device == "cuda" and precision == "tf32"
+    tf32 = runs_tf32(dtype, device, kw.get("precision"))
     floor = FLOOR["tf32" if tf32 else dtype]
     # The backward recomputes S with other tile shapes than the forward, so S may differ from
     # the forward's by an ulp: probabilities then carry an absolute error of about eps * |S|
@@ -67,16 +67,11 @@ def check(p: Problem, dtype: torch.dtype, device: str, **kw) -> None:
     scale = p.scale_for(dtype)
     if isinstance(scale, torch.Tensor):
         scale = scale.to(device)
-    # With TF32 the reference in the same dtype is naive with TF32 matmuls too.
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    try:
+    with matmul_precision("tf32" if tf32 else "ieee"):  # the same-dtype reference's too
         assert_close_to_naive(
             infcl.inf_loss, q.to(device), k.to(device), scale, dtype=dtype, floor=floor,
             seed=p.seed, **kwargs, **kw,
         )
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 @interpret

@@ -14,12 +14,13 @@ import pytest
 import torch
 import torch._dynamo
 import torch.nn.functional as F
-from helpers import FLOOR, poisoned_memory, within
+from helpers import FLOOR, poisoned_memory, runs_tf32, within
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import infcl
 from infcl.kernels import configs
+from infcl.kernels.logits import matmul_precision
 
 INTERPRET = configs.INTERPRET
 LOSSES = [infcl.chunked_sigmoid_loss, infcl.inf_sigmoid_loss, infcl.ring_sigmoid_loss]
@@ -90,14 +91,9 @@ def check(fn, c: Case, dtype: torch.dtype, device: str = "cpu", **kw: Any) -> No
 
     truth = run(infcl.naive_sigmoid_loss, q.double(), k.double(), *params(torch.float64), cot, **spec)
     # TF32 on a GPU is measured against naive with cuBLAS TF32, under the TF32 floor
-    precision = configs.resolve_precision(kw.get("precision") or "default")
-    tf32 = dtype == torch.float32 and device == "cuda" and precision == "tf32"
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    try:
+    tf32 = runs_tf32(dtype, device, kw.get("precision"))
+    with matmul_precision("tf32" if tf32 else "ieee"):
         ref = run(infcl.naive_sigmoid_loss, q, k, *params(acc), cot, **spec)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
     with poisoned_memory():
         got = run(fn, q, k, *params(acc), cot, **spec, **kw)
     assert got[0].dtype == acc and got[1].dtype == got[2].dtype == dtype

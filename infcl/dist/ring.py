@@ -44,6 +44,7 @@ from infcl.kernels.numerics import FLOAT_DTYPES, LSE_DTYPE, acc_dtype
 __all__ = [
     "NO_IGNORE",
     "group_name",
+    "group_size",
     "resolve_group",
     "ring_bwd",
     "ring_fwd",
@@ -57,6 +58,11 @@ NO_IGNORE = -(1 << 63)
 
 TAG_KEYS, TAG_TRAIL, TAG_STATS = 0, 1, 2
 """P2P tags: gloo matches messages by (peer, tag), and W=2 sends several tensors to one peer."""
+
+
+def group_size(group: dist.ProcessGroup | None) -> int:
+    """Ranks in `group`; None means this process alone. A loss runs the ring when it is > 1."""
+    return 1 if group is None else dist.get_world_size(group)
 
 
 def group_name(group: dist.ProcessGroup) -> str:
