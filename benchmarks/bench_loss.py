@@ -9,6 +9,9 @@ that requires grad), symmetric unless it says otherwise; a step is forward + bac
 * `infcl_inf_ieee`  `infcl.inf_loss(q, k, s, symmetric=True, precision="ieee")`: fp32 products
 * `infcl_chunked`   `infcl.chunked_loss(q, k, s, symmetric=True)` (torch tiles)
 * `naive_loss`      `infcl.naive_loss(q, k, s, symmetric=True)`: the spec, B x B fp32 logits
+* `naive_compiled`  `torch.compile(infcl.naive_loss)` of the same call (compiled once per size)
+* `infcl_inf_graphed`, `naive_graphed`  the same two under `torch.compile(mode="reduce-overhead")`
+  (CUDA graphs: no per-call host work)
 * `open_clip`       `open_clip.loss.ClipLoss()(q, k, s)`: what a user writes without infcl, the
   B x B logits in the input dtype (runs before this harness called this `naive`)
 * `inf_cl_1.2.1`    `(cal_inf_loss(q, k, y, scale=s) + cal_inf_loss(k, q, y, scale=s)) / 2`,
@@ -72,6 +75,25 @@ def naive(q: Tensor, k: Tensor, s: Tensor) -> Tensor:
     return infcl.naive_loss(q, k, s, symmetric=True)
 
 
+_compiled_naive = torch.compile(naive, dynamic=False)
+
+
+def naive_compiled(q: Tensor, k: Tensor, s: Tensor) -> Tensor:
+    return _compiled_naive(q, k, s)
+
+
+_graphed_inf = torch.compile(infcl_inf, mode="reduce-overhead", dynamic=False)
+_graphed_naive = torch.compile(naive, mode="reduce-overhead", dynamic=False)
+
+
+def infcl_inf_graphed(q: Tensor, k: Tensor, s: Tensor) -> Tensor:
+    return _graphed_inf(q, k, s)
+
+
+def naive_graphed(q: Tensor, k: Tensor, s: Tensor) -> Tensor:
+    return _graphed_naive(q, k, s)
+
+
 def open_clip_loss(q: Tensor, k: Tensor, s: Tensor) -> Tensor:
     return ClipLoss()(q, k, s)
 
@@ -93,11 +115,14 @@ class Method:
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 METHODS = {
-    "infcl_inf": Method(infcl_inf, {BF16: ALL, FP16: 65536, FP32: ALL}, tf32=True, exec_flop=10),
+    "infcl_inf": Method(infcl_inf, {BF16: ALL, FP16: 65536, FP32: ALL}, tf32=True, exec_flop=8),
     "infcl_inf_1dir": Method(infcl_inf_1dir, {BF16: 262144}, symmetric=False, exec_flop=8),
-    "infcl_inf_ieee": Method(infcl_inf_ieee, {FP32: 65536}, exec_flop=10),
+    "infcl_inf_ieee": Method(infcl_inf_ieee, {FP32: 65536}, exec_flop=8),
     "infcl_chunked": Method(infcl_chunked, {BF16: 65536}, exec_flop=8),
     "naive_loss": Method(naive, {BF16: 65536, FP32: 65536}),
+    "naive_compiled": Method(naive_compiled, {BF16: 65536}),
+    "infcl_inf_graphed": Method(infcl_inf_graphed, {BF16: 65536}, exec_flop=8),
+    "naive_graphed": Method(naive_graphed, {BF16: 16384}),
     "open_clip": Method(open_clip_loss, {BF16: 65536, FP32: 65536}),
     # inf_cl needs D % 256 == 0 and misreads its LSE buffers when B % 64 != 0 (ANCHORS.md
     # defects 4 and 5): it is checked where it is defined. Its fp32 dots run in TF32.
@@ -139,6 +164,7 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="*", type=int, help="batch sizes (default: 8192 .. 262144)")
     ap.add_argument("--no-big", action="store_true", help="skip the B = 2**20 point")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the harness")
+    ap.add_argument("--dtypes", nargs="*", help="only these dtypes, e.g. bf16 fp32 (default: all)")
     args = ap.parse_args()
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
@@ -164,6 +190,10 @@ def main() -> None:
             methods.pop(name)
     if args.methods:
         methods = {n: m for n, m in methods.items() if n in args.methods}
+    if args.dtypes:
+        methods = {n: Method(**{**m.__dict__, "dtypes": {
+            dt: most for dt, most in m.dtypes.items() if harness.dname(dt) in args.dtypes}})
+            for n, m in methods.items()}
     if "inf_cl_1.2.1" in methods:
         single_process_group()
 

@@ -20,6 +20,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--b", type=int, default=8192)
     ap.add_argument("--d", type=int, default=512)
+    ap.add_argument("--host", action="store_true",
+                    help="also the Python functions by own time over 100 steps (cProfile)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     q = harness.unit_rows(args.b, args.d, torch.bfloat16, 1, dev).requires_grad_()
@@ -52,6 +54,17 @@ def main() -> None:
     print(f"B={args.b} D={args.d} bf16 symmetric: step {step_ms:.2f} ms (p50), GPU busy "
           f"{gpu:.2f} ms/step, about {launches:.0f} kernels/step")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
+    if args.host:
+        import cProfile
+        import pstats
+
+        host = cProfile.Profile()
+        host.enable()
+        for _ in range(100):
+            step()
+        torch.cuda.synchronize()
+        host.disable()
+        pstats.Stats(host).sort_stats("tottime").print_stats(30)
 
 
 if __name__ == "__main__":

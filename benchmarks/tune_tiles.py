@@ -4,7 +4,7 @@ Run on the GPU: `python benchmarks/tune_tiles.py [--b 65536] [--d 512]`. Winners
 `infcl/kernels/configs.py` by hand (fixed configs; no autotuning at run time).
 
 Every configuration is checked before it is timed: with that tile and partition count the two
-kernels alone (`lse_rows` forward for rows and columns, `ds_bwd` backward) give the symmetric
+kernels alone (`lse_fwd` symmetric forward, `ds_bwd` backward) give the symmetric
 mean loss and its dq, dk, dscale at B = --check-b, D = 300, judged by `helpers.judge` against
 float64 `naive_loss` (the harness's rule). A configuration off the spec is reported, not timed.
 """
@@ -23,11 +23,12 @@ import infcl
 from infcl.kernels import configs
 from infcl.kernels.configs import Tile
 from infcl.kernels.lse_bwd import ds_bwd
-from infcl.kernels.lse_fwd import lse_rows
+from infcl.kernels.lse_fwd import lse_fwd
 
 TILES = {
     torch.bfloat16: [Tile(128, 256, 32, 8, 4), Tile(128, 256, 64, 8, 3), Tile(128, 128, 64, 8, 3),
-                     Tile(64, 128, 64, 4, 3), Tile(128, 128, 64, 8, 4)],
+                     Tile(64, 128, 64, 4, 3), Tile(128, 128, 64, 8, 4), Tile(128, 128, 32, 4, 4),
+                     Tile(64, 256, 64, 4, 3), Tile(128, 64, 64, 4, 4)],
     torch.float32: [Tile(128, 128, 32, 8, 3), Tile(64, 128, 32, 4, 3), Tile(128, 64, 32, 4, 3)],
 }
 PRECISION = "tf32"  # float32 dots on the tensor cores, as inf_loss runs them by default
@@ -41,8 +42,7 @@ def kernels_result(q: Tensor, k: Tensor, s: Tensor, tile: Tile) -> helpers.Resul
     """
     b = q.shape[0]
     y = torch.arange(b, device=q.device)
-    row, pos = lse_rows(q, k, s, y, 0, PRECISION, tile)
-    col, _ = lse_rows(k, q, s, None, 0, PRECISION, tile)
+    row, col, pos = lse_fwd(q, k, s, y, 0, True, PRECISION, tile)
     loss = (0.5 * row.sum() + 0.5 * col.sum() - pos.double().sum()) / b
     g_half = torch.full((b,), 0.5 / b, device=q.device)
     g_pos = torch.full((b,), -1.0 / b, device=q.device)
@@ -65,24 +65,27 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=512)
     ap.add_argument("--check-b", type=int, default=4100,
                     help="batch of the check (not a multiple of the tiles; several partitions)")
+    ap.add_argument("--dtypes", nargs="*", default=["bfloat16", "float32"])
+    ap.add_argument("--stage", choices=["fwd", "bwd", "both"], default="both")
     args = ap.parse_args()
     b, d, dev = args.b, args.d, torch.device("cuda")
     flop = 2 * b * b * d
     parts, bwd_parts = configs.PARTS, configs.BWD_PARTS
     for dt, tiles in TILES.items():
+        if harness.dname(dt) not in args.dtypes:
+            continue
         q = harness.unit_rows(b, d, dt, 1, dev)
         k = harness.unit_rows(b, d, dt, 2, dev)
         qc = harness.unit_rows(args.check_b, 300, dt, 3, dev)
         kc = harness.unit_rows(args.check_b, 300, dt, 4, dev)
         s = torch.tensor(20.0, device=dev)
         y = torch.arange(b, device=dev)
-        row, _ = lse_rows(q, k, s, y, 0, PRECISION)
-        col, _ = lse_rows(k, q, s, None, 0, PRECISION)
+        row, col, _ = lse_fwd(q, k, s, y, 0, True, PRECISION)
         g_half = torch.full((b,), 0.5 / b, device=dev)
         g_pos = torch.full((b,), -1.0 / b, device=dev)
         name = harness.dname(dt)
         for t in tiles:
-            for p in (16, 32):
+            for p in (16, 32) if args.stage != "bwd" else ():
                 configs.PARTS = p
                 label = f"fwd {name:8s} {t} parts={configs.PARTS}"
                 problems = off_spec(qc, kc, s, t)
@@ -90,11 +93,11 @@ def main() -> None:
                     print(f"{label}: NOT TIMED, off the spec:\n  " + "\n  ".join(problems))
                     continue
                 _, ms, _ = harness.bench(
-                    functools.partial(lse_rows, q, k, s, y, 0, PRECISION, t), dev)
-                print(f"{label}: one row pass {ms:7.2f} ms ({flop / ms / 1e9:5.0f} TF/s)",
+                    functools.partial(lse_fwd, q, k, s, y, 0, True, PRECISION, t), dev)
+                print(f"{label}: both directions {ms:7.2f} ms ({flop / ms / 1e9:5.0f} TF/s)",
                       flush=True)
             configs.PARTS = parts
-            for bp in (1, 2, 4):
+            for bp in (1, 2, 4) if args.stage != "fwd" else ():
                 configs.BWD_PARTS = bp
                 label = f"bwd {name:8s} {t} bwd_parts={configs.BWD_PARTS}"
                 problems = off_spec(qc, kc, s, t)

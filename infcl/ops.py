@@ -200,6 +200,11 @@ def targets(labels: Tensor, n: int, ignore_index: int) -> Tensor:
     bad = (y < 0) | (y >= n)
     if ignore_index != NO_IGNORE:  # the sentinel is not a value to skip, not even -2**63
         bad &= y != ignore_index
+    if y.is_cuda and torch.cuda.is_current_stream_capturing():
+        # inside a CUDA graph no value can reach the host: the check runs on the device, and a
+        # bad label stops the graph's replay with a device-side assert
+        torch._assert_async(~bad.any(), "labels out of range (checked inside a CUDA graph)")
+        return y
     if bool(bad.any()):
         allowed = "" if ignore_index == NO_IGNORE else f" or equal ignore_index={ignore_index}"
         raise ValueError(f"labels must lie in [0, {n}){allowed}; got {y[bad][:5].tolist()}")
@@ -215,7 +220,8 @@ def scale_tensor(scale: float | Tensor, like: Tensor) -> Tensor:
     """The scale as a 0-dim tensor on `like`'s device (differentiable when it is a tensor)."""
     if isinstance(scale, Tensor):
         return scale.to(like.device)
-    return torch.tensor(float(scale), dtype=acc_dtype(like), device=like.device)
+    # a fill on the device, not a copy from the host: no sync, and CUDA graphs can capture it
+    return torch.full((), float(scale), dtype=acc_dtype(like), device=like.device)
 
 
 def assemble(
@@ -366,7 +372,7 @@ def _register_sigmoid_autograd(fwd_op, bwd_op) -> None:
         q, k, scale, bias, labels = ctx.saved_tensors
         col_offset, chunk_size, precision = ctx.args
         dq, dk, dscale, dbias = bwd_op(
-            q, k, scale, bias, labels, col_offset, g_row.contiguous(), chunk_size, precision
+            q, k, scale, bias, labels, col_offset, g_row, chunk_size, precision
         )
         return dq, dk, dscale, dbias, None, None, None, None
 

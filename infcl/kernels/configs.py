@@ -50,18 +50,26 @@ def resolve_precision(precision: str) -> str:
     return HIGHEST if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
+def kernel_precision(dtype: torch.dtype, precision: str) -> str:
+    """The kernels' PRECISION for inputs of `dtype`: resolved for fp32 (see `resolve_precision`),
+    a fixed value for bf16 and fp16, which ignore it (no setting to read, no recompile)."""
+    return resolve_precision(precision) if dtype == torch.float32 else "ieee"
+
+
 INTERPRET_TILE = Tile(16, 16, 16, 1, 1)
 """Small tiles under the interpreter keep CPU tests fast and make several tiles (and ragged
 edges) appear even at small shapes."""
 
 
-def fwd_tile(dtype: torch.dtype) -> Tile:
-    """Tile of the forward log-sum-exp kernel."""
+def fwd_tile(dtype: torch.dtype, symmetric: bool = False) -> Tile:
+    """Tile of the forward kernels. The symmetric softmax forward also reduces each tile along
+    its columns; a smaller tile with fewer warps is faster there (H200, B=65536, D=512, bf16:
+    19.7 ms against 24.1 ms for the one-direction tile)."""
     if INTERPRET:
         return INTERPRET_TILE
     if dtype == torch.float32:
         return Tile(128, 128, 32, 8, 3)
-    return Tile(128, 256, 32, 8, 4)
+    return Tile(64, 128, 64, 4, 3) if symmetric else Tile(128, 256, 32, 8, 4)
 
 
 def bwd_tile(dtype: torch.dtype) -> Tile:

@@ -33,6 +33,21 @@ def exp_precise(x):
 
 
 @triton.jit
+def scale_logits(b_acc, s, ROUNDED: tl.constexpr):
+    """`S = b_acc * s`, with ROUNDED (fp32 on a GPU) as a lone `mul.rn`: the compiler cannot fuse
+    it into a later `S - lse` FMA in one kernel and not in another, so the forward and the
+    backward subtract the same rounded S (an FMA there would leave `exp(rounding) != 1` in the
+    backward's probabilities: gradient errors of `eps * |S|` times the scale). The interpreter
+    never fuses, and bf16/fp16 inputs are far coarser than that rounding."""
+    if ROUNDED:
+        return tl.inline_asm_elementwise(
+            "mul.rn.f32 $0, $1, $2;", "=r,r,r", [b_acc, s + tl.zeros(b_acc.shape, tl.float32)],
+            dtype=tl.float32, is_pure=True, pack=1,
+        )
+    return b_acc * s
+
+
+@triton.jit
 def _round_tf32(x):
     """fp32 -> the nearest TF32 value (ties away from zero), as cuBLAS rounds its TF32 inputs.
     `tl.dot(input_precision="tf32")` truncates instead, which biases every product low."""
@@ -95,11 +110,11 @@ def addmm32_(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
 
 
-def fp16_grad_scale(q: Tensor, *grads: Tensor) -> Tensor:
+def fp16_grad_scale(q: Tensor, *grads: Tensor) -> Tensor | None:
     """The largest incoming gradient for fp16 inputs (dS is stored as `dS / g_max`, away from
-    fp16's underflow), 1 otherwise: bf16 and fp32 have fp32's range and need no scaling."""
+    fp16's underflow); None otherwise: bf16 and fp32 have fp32's range and need no scaling."""
     if q.dtype != torch.float16:
-        return torch.ones((), dtype=torch.float32, device=q.device)
+        return None
     g_max = torch.stack([g.abs().amax() for g in grads if g.numel()]).amax().float()
     return torch.where(g_max > 0, g_max, torch.ones_like(g_max))
 
@@ -108,39 +123,52 @@ LaunchDS = Callable[[slice, slice, Tensor, list[Tensor], tuple[int, int], int], 
 
 
 def ds_gemms(
-    q: Tensor, k: Tensor, scale: Tensor, g_max: Tensor, tile: Any, n_sums: int,
-    precision: str, launch: LaunchDS,
-) -> tuple[Tensor, Tensor, list[Tensor]]:
+    q: Tensor, k: Tensor, g_max: Tensor | None, tile: Any, n_sums: int, precision: str,
+    launch: LaunchDS,
+) -> tuple[Tensor, Tensor, Tensor]:
     """The backward's block loop, shared by the softmax and sigmoid losses: for each block of
     at most `BWD_BLOCK x BWD_BLOCK` logits, `launch(rows, cols, ds, sums, grid, cols_per_part)`
-    runs a dS kernel that writes the block's `dS / g_max` into `ds` and per-program partial sums
-    into the `n_sums` buffers `sums`; cuBLAS then adds `dS @ k` into an fp32 dq block and
-    `dS.T @ q` into the fp32 dk accumulator. Returns dq, dk (input dtypes, times `scale * g_max`)
-    and the fp32 totals of the partial sums. q and k are not empty."""
+    runs a dS kernel that writes the block's `scale * dS` (fp16: divided by `g_max`) into `ds`
+    and per-program partial sums into the rows of `sums` [n_sums, programs]; cuBLAS then takes
+    `ds @ k` and `ds.T @ q`. Returns dq, dk (input dtypes) and the fp32 totals [n_sums] of the
+    partial sums. q and k are not empty.
+
+    A loss of one block (M, N <= BWD_BLOCK) without fp16 scaling gets its gradients straight
+    from two GEMMs in the input dtype (cuBLAS accumulates in fp32 and rounds once); larger ones
+    add into an fp32 dq block and an fp32 dk accumulator."""
     m, n, d = q.shape[0], k.shape[0], q.shape[1]
     f32 = dict(dtype=torch.float32, device=q.device)
-    dq = torch.empty_like(q)
-    dk32 = torch.zeros(k.shape, **f32)
-    totals = [torch.zeros((), **f32) for _ in range(n_sums)]
     ds_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
     blk = configs.BWD_BLOCK
+    row_blocks, col_blocks = range(0, m, blk), range(0, n, blk)
+    n_parts, _ = configs.split(min(n, blk), tile.block_n, configs.BWD_PARTS)
+    per_block = triton.cdiv(min(m, blk), tile.block_m) * n_parts
+    sums = torch.zeros((n_sums, len(row_blocks) * len(col_blocks), per_block), **f32)
     ds_buf = torch.empty((min(m, blk), min(n, blk)), dtype=ds_dtype, device=q.device)
-    factor = scale.detach().to(torch.float32) * g_max
-    with matmul_precision(precision):
-        for a in range(0, m, blk):
+    one_block = len(row_blocks) == len(col_blocks) == 1 and g_max is None
+
+    def block(i: int, rows: slice, cols: slice) -> Tensor:
+        ds = ds_buf[: rows.stop - rows.start, : cols.stop - cols.start]
+        parts, cols_per = configs.split(cols.stop - cols.start, tile.block_n, configs.BWD_PARTS)
+        grid = (triton.cdiv(rows.stop - rows.start, tile.block_m), parts)
+        launch(rows, cols, ds, list(sums[:, i, : grid[0] * grid[1]]), grid, cols_per)
+        return ds
+
+    fp32 = matmul_precision(precision) if q.dtype == torch.float32 else contextlib.nullcontext()
+    with fp32:
+        if one_block:
+            ds = block(0, slice(0, m), slice(0, n))
+            return ds @ k, ds.T @ q, sums.sum(dim=(1, 2))
+        dq = torch.empty_like(q)
+        dk32 = torch.zeros(k.shape, **f32)
+        for a_i, a in enumerate(row_blocks):
             rows = slice(a, min(a + blk, m))
             dq32 = torch.zeros((rows.stop - a, d), **f32)
-            for c in range(0, n, blk):
+            for c_i, c in enumerate(col_blocks):
                 cols = slice(c, min(c + blk, n))
-                ds = ds_buf[: rows.stop - a, : cols.stop - c]
-                n_parts, cols_per = configs.split(cols.stop - c, tile.block_n, configs.BWD_PARTS)
-                grid = (triton.cdiv(rows.stop - a, tile.block_m), n_parts)
-                sums = [torch.empty(grid[0] * grid[1], **f32) for _ in range(n_sums)]
-                launch(rows, cols, ds, sums, grid, cols_per)
-                for total, part in zip(totals, sums, strict=True):
-                    total += part.sum()
+                ds = block(a_i * len(col_blocks) + c_i, rows, cols)
                 addmm32_(dq32, ds, k[cols])
                 addmm32_(dk32[cols], ds.T, q[rows])
-            dq[rows] = (dq32 * factor).to(q.dtype)
-    dk = dk32.mul_(factor).to(k.dtype)  # in place: an fp32 [N, D] temporary is a lot at large N
-    return dq, dk, totals
+            dq[rows] = dq32 if g_max is None else dq32.mul_(g_max)
+    dk = dk32 if g_max is None else dk32.mul_(g_max)  # in place: [N, D] fp32 is a lot at large N
+    return dq, dk.to(k.dtype), sums.sum(dim=(1, 2))

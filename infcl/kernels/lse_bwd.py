@@ -3,10 +3,11 @@ two GEMMs take dq and dk from it.
 
 For each square block of at most `BWD_BLOCK x BWD_BLOCK` logits, `_ds_kernel` recomputes the
 tiles with `tl.dot`, forms `dS = g_row * softmax_row + g_col * softmax_col + g_pos * onehot`,
-and writes dS in the input dtype (fp16 as `dS / g_max`: dividing by the largest incoming
-gradient keeps it away from underflow) along with per-program partial sums of `dS * (q @ k.T)`, which give dscale
-exactly in fp32. cuBLAS then adds `dS @ k` into an fp32 dq block and `dS.T @ q` into an fp32 dk
-accumulator. Memory: one block of dS, the fp32 dk accumulator, O(M + N) statistics.
+and writes `scale * dS` in the input dtype (fp16 as `scale * dS / g_max`: dividing by the largest
+incoming gradient keeps it away from underflow) along with per-program partial sums of
+`dS * (q @ k.T)`, which give dscale exactly in fp32. cuBLAS then takes dq and dk from it
+(`logits.ds_gemms`). Memory: one block of dS, O(M + N) statistics, and for a loss of more than
+one block an fp32 dk accumulator.
 """
 
 from __future__ import annotations
@@ -18,8 +19,15 @@ from torch import Tensor
 
 from infcl.kernels import configs
 from infcl.kernels.configs import INTERPRET, Tile, bwd_tile
-from infcl.kernels.logits import LOG2E, ds_gemms, exp_precise, fp16_grad_scale, qk_tile
-from infcl.kernels.numerics import autocast_off, split_lse
+from infcl.kernels.logits import (
+    LOG2E,
+    ds_gemms,
+    exp_precise,
+    fp16_grad_scale,
+    qk_tile,
+    scale_logits,
+)
+from infcl.kernels.numerics import autocast_off
 
 
 @triton.jit
@@ -32,32 +40,46 @@ def _softmax(b_s, b_hi, b_lo, PRECISE: tl.constexpr):
 
 
 @triton.jit
+def _stats(lse_ptr, g_ptr, stride_g, o, mask):
+    """A block of one direction's statistics: the float64 LSE split as fp32 `hi + lo` (so
+    `(S - hi) - lo` is accurate where `S - lse` matters), and the incoming gradient."""
+    b_lse = tl.load(lse_ptr + o, mask=mask, other=0.0)
+    b_hi = b_lse.to(tl.float32)
+    b_lo = (b_lse - b_hi.to(tl.float64)).to(tl.float32)
+    b_g = tl.load(g_ptr + o * stride_g, mask=mask, other=0.0).to(tl.float32)
+    return b_hi, b_lo, b_g
+
+
+@triton.jit
 def _ds_kernel(
     q_ptr, k_ptr, scale_ptr, inv_g_ptr, y_ptr,
-    r_hi_ptr, r_lo_ptr, c_hi_ptr, c_lo_ptr, g_row_ptr, g_col_ptr, g_pos_ptr,
+    r_lse_ptr, c_lse_ptr, g_row_ptr, g_col_ptr, g_pos_ptr,
     ds_ptr, dscale_ptr,
     M, N, D, col_offset, cols_per_part,
     stride_qm, stride_qd, stride_kn, stride_kd, stride_dsm,
+    stride_gr, stride_gc, stride_gp,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SYMMETRIC: tl.constexpr,  # the symmetric loss also backpropagates through the column LSE
+    G_SCALED: tl.constexpr,  # fp16: dS is stored divided by the largest incoming gradient
     UPCAST: tl.constexpr,  # the interpreter computes low-precision dots wrongly: go through fp32
     IS_FP32: tl.constexpr,  # fp32 inputs take PRECISION (see configs.PRECISIONS); others ignore it
     PRECISION: tl.constexpr,
     PRECISE: tl.constexpr,  # fp32 inputs: subtract the LSE in two exact steps (see _softmax)
+    INTERPRET_MODE: tl.constexpr,  # under the interpreter no inline assembly (scale_logits)
 ):
+    """Writes `scale * dS` (fp16: `scale * dS / g_max`) in ds's dtype, so that the GEMMs after
+    it give dq and dk without another pass; and per-program partial sums of `dS * (q @ k.T)`."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1).to(tl.int64)
     o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < M
     col_lo = pid_c * cols_per_part
     col_hi = tl.minimum(col_lo + cols_per_part, N)
-    s = tl.load(scale_ptr)
-    inv_g = tl.load(inv_g_ptr)
-    b_rh = tl.load(r_hi_ptr + o_m, mask=m_m, other=0.0)  # [BLOCK_M], LSE = hi + lo
-    b_rl = tl.load(r_lo_ptr + o_m, mask=m_m, other=0.0)
-    b_gr = tl.load(g_row_ptr + o_m, mask=m_m, other=0.0)
+    s = tl.load(scale_ptr).to(tl.float32)
+    out = s * tl.load(inv_g_ptr) if G_SCALED else s
+    b_rh, b_rl, b_gr = _stats(r_lse_ptr, g_row_ptr, stride_gr, o_m, m_m)  # [BLOCK_M]
     b_y = tl.load(y_ptr + o_m, mask=m_m, other=-1) - col_offset
-    b_gp = tl.load(g_pos_ptr + o_m, mask=m_m, other=0.0)
+    b_gp = tl.load(g_pos_ptr + o_m * stride_gp, mask=m_m, other=0.0).to(tl.float32)
     b_dscale = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in range(col_lo, col_hi, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
@@ -66,18 +88,16 @@ def _ds_kernel(
             q_ptr, k_ptr, o_m, o_n, m_m, m_n, D, stride_qm, stride_qd, stride_kn, stride_kd,
             BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION,
         )
-        b_s = b_acc * s
+        b_s = scale_logits(b_acc, s, PRECISE and not INTERPRET_MODE)
         b_ds = b_gr[:, None] * _softmax(b_s, b_rh[:, None], b_rl[:, None], PRECISE)
         if SYMMETRIC:
-            b_ch = tl.load(c_hi_ptr + o_n, mask=m_n, other=0.0)  # [BLOCK_N]
-            b_cl = tl.load(c_lo_ptr + o_n, mask=m_n, other=0.0)
-            b_gc = tl.load(g_col_ptr + o_n, mask=m_n, other=0.0)
+            b_ch, b_cl, b_gc = _stats(c_lse_ptr, g_col_ptr, stride_gc, o_n, m_n)  # [BLOCK_N]
             b_ds += b_gc[None, :] * _softmax(b_s, b_ch[None, :], b_cl[None, :], PRECISE)
         b_ds += tl.where(o_n[None, :] == b_y[:, None], b_gp[:, None], 0.0)
         b_ds = tl.where(m_m[:, None] & m_n[None, :], b_ds, 0.0)  # [BLOCK_M, BLOCK_N]
         b_dscale += tl.sum(b_ds * b_acc, axis=1)
         p_ds = ds_ptr + o_m[:, None] * stride_dsm + o_n[None, :]
-        tl.store(p_ds, (b_ds * inv_g).to(ds_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+        tl.store(p_ds, (b_ds * out).to(ds_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
     tl.store(dscale_ptr + pid_m * tl.num_programs(1) + pid_c, tl.sum(b_dscale))
 
 
@@ -89,42 +109,38 @@ def ds_bwd(
     """dq, dk, dscale of `sum(g_row * row_lse + g_col * col_lse + g_pos * pos)` for one block.
 
     The loss is symmetric when `col_lse` is not empty."""
-    precision = configs.resolve_precision(precision)
+    precision = configs.kernel_precision(q.dtype, precision)
     m, n, d = q.shape[0], k.shape[0], q.shape[1]
     if m == 0 or n == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(scale)
     symmetric = col_lse.numel() > 0
     g_max = fp16_grad_scale(q, g_row, g_pos, g_col)
-    inv_g = (1.0 / g_max).reshape(1)
-    s = scale.detach().to(torch.float32).reshape(1)
-    # autograd hands in expanded (stride-0) gradients; the kernel indexes them as dense vectors
-    r_hi, r_lo = (x.contiguous() for x in split_lse(row_lse, torch.float32))
-    c_hi, c_lo = (x.contiguous() for x in split_lse(col_lse, torch.float32))
-    g_row, g_col, g_pos = (g.float().contiguous() for g in (g_row, g_col, g_pos))
-    if not symmetric:
-        c_hi, c_lo, g_col = r_hi, r_lo, g_row  # never read; any valid pointer will do
+    if not symmetric:  # never read; any valid pointer will do
+        col_lse, g_col = row_lse, g_row
     y = labels.contiguous()
     t = tile or bwd_tile(q.dtype)
 
     def launch(rows, cols, ds, sums, grid, cols_per):
         c_rows = cols if symmetric else slice(None)
+        # autograd hands in expanded (stride-0) gradients: the kernel reads them by stride
+        g_r, g_c, g_p = g_row[rows], g_col[c_rows], g_pos[rows]
         _ds_kernel[grid](
-            q[rows], k[cols], s, inv_g, y[rows],
-            r_hi[rows], r_lo[rows], c_hi[c_rows], c_lo[c_rows],
-            g_row[rows], g_col[c_rows], g_pos[rows],
+            q[rows], k[cols], scale, scale if g_max is None else 1.0 / g_max, y[rows],
+            row_lse[rows], col_lse[c_rows], g_r, g_c, g_p,
             ds, sums[0],
             ds.shape[0], ds.shape[1], d, col_offset + cols.start, cols_per,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), ds.stride(0),
+            g_r.stride(0), g_c.stride(0), g_p.stride(0),
             BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
-            SYMMETRIC=symmetric,
+            SYMMETRIC=symmetric, G_SCALED=g_max is not None,
             UPCAST=INTERPRET and q.dtype in (torch.float16, torch.bfloat16),
             IS_FP32=q.dtype == torch.float32, PRECISION=precision,
-            PRECISE=q.dtype == torch.float32,
+            PRECISE=q.dtype == torch.float32, INTERPRET_MODE=INTERPRET,
             num_warps=t.num_warps, num_stages=t.num_stages,
         )
 
-    dq, dk, (dscale,) = ds_gemms(q, k, scale, g_max, t, 1, precision, launch)
-    return dq, dk, dscale.to(scale.dtype)
+    dq, dk, sums = ds_gemms(q, k, g_max, t, 1, precision, launch)
+    return dq, dk, sums[0].to(scale.dtype)
 
 
 @torch.library.custom_op("infcl::inf_bwd", mutates_args=())

@@ -1,10 +1,13 @@
 """Forward stage: online log-sum-exp over tiles of `scale * q @ k.T` and the positive logits; the
-logits are never stored. The symmetric loss runs it twice, over (q, k) and over (k, q).
+logits are never stored. The symmetric loss takes its column statistics from the same tiles, so
+each logit is computed once whichever direction is asked for.
 
 The grid is a P x Q grid of rectangular partitions of the logit matrix (P, Q <= `configs.PARTS`),
 enough programs to keep two on every SM. A program walks its partition one row block at a time,
-keeping that block's running max and sum in registers, and writes `[Q, M]` partials that torch
-merges: O(Q * M) extra memory.
+keeping that block's running max and sum in registers, and writes `[Q, M]` row partials. For the
+symmetric loss it also keeps a running max and sum per column of its partition, in a `[P, N]`
+buffer that only it touches. `_merge_kernel` then folds the partials into float64 LSEs in one
+launch: O((P + Q) * (M + N)) extra memory, two launches in all.
 """
 
 from __future__ import annotations
@@ -16,27 +19,41 @@ from torch import Tensor
 
 from infcl.kernels import configs
 from infcl.kernels.configs import INTERPRET, Tile, fwd_tile, split
-from infcl.kernels.logits import LOG2E, exp_precise, qk_tile
+from infcl.kernels.logits import LOG2E, exp_precise, qk_tile, scale_logits
 from infcl.kernels.numerics import LSE_DTYPE, autocast_off
 
 
 @triton.jit
+def _exp(x, PRECISE: tl.constexpr):
+    """exp(x) of a difference `S - max`: exactly rounded inputs for fp32, one exp2 otherwise."""
+    if PRECISE:
+        return exp_precise(x)
+    return tl.exp2(x * LOG2E)
+
+
+@triton.jit
 def _lse_fwd_kernel(
-    q_ptr, k_ptr, scale_ptr, y_ptr, max_ptr, logsum_ptr, pos_ptr,
+    q_ptr, k_ptr, scale_ptr, y_ptr, row_ptr, col_ptr,
     M, N, D, col_offset, rows_per_part, cols_per_part,
     stride_qm, stride_qd, stride_kn, stride_kd,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SYMMETRIC: tl.constexpr,  # also the column statistics, from the same tiles
     UPCAST: tl.constexpr,  # the interpreter computes low-precision dots wrongly: go through fp32
     IS_FP32: tl.constexpr,  # fp32 inputs take PRECISION (see configs.PRECISIONS); others ignore it
     PRECISION: tl.constexpr,
+    ROUNDED: tl.constexpr,  # fp32 on a GPU: S rounded on its own (see logits.scale_logits)
 ):
+    """Row partials `row_ptr[3, Q, M]` (max, sum of exp(S - max), positive logit); with
+    SYMMETRIC, column partials `col_ptr[2, P, N]` (max, sum)."""
     pid_p = tl.program_id(0).to(tl.int64)
     pid_q = tl.program_id(1).to(tl.int64)
+    n_p = tl.num_programs(0).to(tl.int64)
+    n_q = tl.num_programs(1).to(tl.int64)
     row_lo = pid_p * rows_per_part
     row_hi = tl.minimum(row_lo + rows_per_part, M)
     col_lo = pid_q * cols_per_part
     col_hi = tl.minimum(col_lo + cols_per_part, N)
-    s = tl.load(scale_ptr)
+    s = tl.load(scale_ptr).to(tl.float32)
     for start_m in range(row_lo, row_hi, BLOCK_M):
         o_m = start_m + tl.arange(0, BLOCK_M)
         m_m = o_m < row_hi
@@ -51,63 +68,106 @@ def _lse_fwd_kernel(
                 q_ptr, k_ptr, o_m, o_n, m_m, m_n, D, stride_qm, stride_qd, stride_kn, stride_kd,
                 BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION,
             )
-            # rows past the partition keep finite values (never stored); columns past it are -inf
-            b_s = tl.where(m_n[None, :], b_acc * s, float("-inf"))
+            # rows past the partition keep finite values here; columns past it are -inf
+            b_s = tl.where(m_n[None, :], scale_logits(b_acc, s, ROUNDED), float("-inf"))
             b_new = tl.maximum(b_max, tl.max(b_s, axis=1))
-            if IS_FP32:  # S - max first: exact near the max, so the sum keeps fp32's digits
-                b_e = exp_precise(b_s - b_new[:, None])
-            else:  # one FMA; its rounding (eps * |S|) is far below bf16/fp16 input rounding
-                b_e = tl.exp2(b_s * LOG2E - (b_new * LOG2E)[:, None])
-            b_sum = b_sum * tl.exp2((b_max - b_new) * LOG2E) + tl.sum(b_e, axis=1)
+            # fp32: S - max first, exact near the max, so the sum keeps fp32's digits; bf16/fp16
+            # lose nothing to a single FMA (its rounding is far below their input rounding)
+            b_sum = b_sum * tl.exp2((b_max - b_new) * LOG2E) + tl.sum(
+                _exp(b_s - b_new[:, None], IS_FP32), axis=1)
             b_max = b_new
             b_pos += tl.sum(tl.where(o_n[None, :] == b_y[:, None], b_acc, 0.0), axis=1)
-        # the LSE leaves as (max, log(sum)); torch adds them in float64
-        tl.store(max_ptr + pid_q * M + o_m, b_max, mask=m_m)
-        tl.store(logsum_ptr + pid_q * M + o_m, tl.log(b_sum), mask=m_m)
-        tl.store(pos_ptr + pid_q * M + o_m, b_pos * s, mask=m_m)
+            if SYMMETRIC:  # the same tile's columns, into this program's own column partials
+                b_sc = tl.where(m_m[:, None], b_s, float("-inf"))
+                p_c = col_ptr + pid_p * N + o_n
+                m_old = m_n & (start_m > row_lo)  # nothing stored yet on the first row block
+                c_max = tl.load(p_c, mask=m_old, other=float("-inf"))
+                c_sum = tl.load(p_c + n_p * N, mask=m_old, other=0.0)
+                c_new = tl.maximum(c_max, tl.max(b_sc, axis=0))
+                c_sum = c_sum * tl.exp2((c_max - c_new) * LOG2E) + tl.sum(
+                    _exp(b_sc - c_new[None, :], IS_FP32), axis=0)
+                tl.store(p_c, c_new, mask=m_n)
+                tl.store(p_c + n_p * N, c_sum, mask=m_n)
+        p_r = row_ptr + pid_q * M + o_m
+        tl.store(p_r, b_max, mask=m_m)
+        tl.store(p_r + n_q * M, b_sum, mask=m_m)
+        tl.store(p_r + 2 * n_q * M, b_pos * s, mask=m_m)
+        if SYMMETRIC:  # this row block's column stores are seen by every thread of the next
+            tl.debug_barrier()
 
 
-def lse_rows(
-    q: Tensor, k: Tensor, scale: Tensor, labels: Tensor | None, col_offset: int, precision: str,
-    tile: Tile | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Row LSE [M] (float64) of `scale * q @ k.T` and the positive logits [M] (fp32; zeros
-    without labels)."""
-    m, n, d = q.shape[0], k.shape[0], q.shape[1]
-    f32 = dict(dtype=torch.float32, device=q.device)
-    if m == 0 or n == 0:
-        return torch.full((m,), float("-inf"), dtype=LSE_DTYPE, device=q.device), torch.zeros(m, **f32)
-    t = tile or fwd_tile(q.dtype)
-    n_p, rows_per = split(m, t.block_m, configs.PARTS)
-    n_q, cols_per = split(n, t.block_n, configs.PARTS)
-    max_part = torch.empty((n_q, m), **f32)
-    logsum_part = torch.empty((n_q, m), **f32)
-    pos_part = torch.empty((n_q, m), **f32)
-    y = labels.contiguous() if labels is not None else torch.full((m,), -1, device=q.device)
-    _lse_fwd_kernel[(n_p, n_q)](
-        q, k, scale.detach().to(torch.float32).reshape(1), y, max_part, logsum_part, pos_part,
-        m, n, d, col_offset if labels is not None else 0, rows_per, cols_per,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
-        UPCAST=INTERPRET and q.dtype in (torch.float16, torch.bfloat16),
-        IS_FP32=q.dtype == torch.float32, PRECISION=precision,
-        num_warps=t.num_warps, num_stages=t.num_stages,
-    )
-    lse = max_part.to(LSE_DTYPE) + logsum_part.to(LSE_DTYPE)
-    return (lse[0] if n_q == 1 else torch.logsumexp(lse, dim=0)), pos_part.sum(dim=0)
+@triton.jit
+def _merge(max_ptr, sum_ptr, lse_ptr, o, mask, L, n_parts):
+    """`lse[o] = logsumexp_p(max[p, o] + log(sum[p, o]))` in float64."""
+    best = tl.full(o.shape, float("-inf"), dtype=tl.float64)
+    for p in range(0, n_parts):
+        x = tl.load(max_ptr + p * L + o, mask=mask, other=0.0).to(tl.float64) + tl.log(
+            tl.load(sum_ptr + p * L + o, mask=mask, other=1.0).to(tl.float64))
+        best = tl.maximum(best, x)
+    ref = tl.where((best == float("inf")) | (best == float("-inf")), 0.0, best)  # no inf - inf
+    total = tl.zeros(o.shape, dtype=tl.float64)
+    for p in range(0, n_parts):
+        x = tl.load(max_ptr + p * L + o, mask=mask, other=0.0).to(tl.float64) + tl.log(
+            tl.load(sum_ptr + p * L + o, mask=mask, other=1.0).to(tl.float64))
+        total += tl.exp(x - ref)
+    tl.store(lse_ptr + o, ref + tl.log(total), mask=mask)
+
+
+@triton.jit
+def _merge_kernel(row_ptr, col_ptr, row_lse_ptr, col_lse_ptr, pos_ptr, M, N, n_q, n_p,
+                  BLOCK: tl.constexpr):
+    """Program column 0: row LSE [M] and positive logit [M] from the `[3, Q, M]` row partials;
+    column 1 (symmetric only): column LSE [N] from the `[2, P, N]` column partials."""
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if tl.program_id(1) == 0:
+        m = o < M
+        _merge(row_ptr, row_ptr + n_q * M, row_lse_ptr, o, m, M, n_q)
+        pos = tl.zeros([BLOCK], dtype=tl.float32)
+        for p in range(0, n_q):
+            pos += tl.load(row_ptr + (2 * n_q + p) * M + o, mask=m, other=0.0)
+        tl.store(pos_ptr + o, pos, mask=m)
+    else:
+        _merge(col_ptr, col_ptr + n_p * N, col_lse_ptr, o, o < N, N, n_p)
+
+
+MERGE_BLOCK = 128
+"""Elements per program of the merge kernel (small: its float64 exp and log are slow, so many
+programs)."""
 
 
 def lse_fwd(
     q: Tensor, k: Tensor, scale: Tensor, labels: Tensor, col_offset: int, symmetric: bool,
     precision: str, tile: Tile | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(row LSE [M], column LSE [N] or [0], positive logit [M]); LSEs float64, pos fp32."""
-    precision = configs.resolve_precision(precision)
-    row, pos = lse_rows(q, k, scale, labels, col_offset, precision, tile)
-    if symmetric:
-        col, _ = lse_rows(k, q, scale, None, 0, precision, tile)
-    else:
-        col = q.new_empty(0, dtype=LSE_DTYPE)
+    """(row LSE [M], column LSE [N] or [0], positive logit [M]); LSEs float64, pos fp32.
+    `labels` are column indices shifted by `col_offset` (-1: no positive in this block)."""
+    precision = configs.kernel_precision(q.dtype, precision)
+    m, n, d = q.shape[0], k.shape[0], q.shape[1]
+    lse = dict(dtype=LSE_DTYPE, device=q.device)
+    if m == 0 or n == 0:
+        col = torch.full((n if symmetric else 0,), float("-inf"), **lse)
+        return torch.full((m,), float("-inf"), **lse), col, q.new_zeros(m, dtype=torch.float32)
+    t = tile or fwd_tile(q.dtype, symmetric)
+    n_p, rows_per = split(m, t.block_m, configs.PARTS)
+    n_q, cols_per = split(n, t.block_n, configs.PARTS)
+    n_row, n_col = 3 * n_q * m, (2 * n_p * n if symmetric else 0)
+    part = torch.empty(n_row + n_col, dtype=torch.float32, device=q.device)
+    row_part, col_part = part[:n_row], part[n_row:] if symmetric else part
+    _lse_fwd_kernel[(n_p, n_q)](
+        q, k, scale, labels, row_part, col_part,
+        m, n, d, col_offset, rows_per, cols_per,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d, SYMMETRIC=symmetric,
+        UPCAST=INTERPRET and q.dtype in (torch.float16, torch.bfloat16),
+        IS_FP32=q.dtype == torch.float32, PRECISION=precision,
+        ROUNDED=q.dtype == torch.float32 and not INTERPRET,
+        num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    row, pos = torch.empty(m, **lse), torch.empty(m, dtype=torch.float32, device=q.device)
+    col = torch.empty(n if symmetric else 0, **lse)
+    grid = (triton.cdiv(max(m, n if symmetric else 0), MERGE_BLOCK), 2 if symmetric else 1)
+    _merge_kernel[grid](row_part, col_part, row, col if symmetric else row, pos, m, n, n_q, n_p,
+                        BLOCK=MERGE_BLOCK)
     return row, col, pos
 
 

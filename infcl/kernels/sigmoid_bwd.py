@@ -3,8 +3,9 @@
 
 The positive's term is written `-sigmoid(-S)` and both come from `e = exp(-|S|)`, so neither
 cancels nor overflows. As in the softmax backward (`lse_bwd.py`), one block of at most
-`BWD_BLOCK x BWD_BLOCK` dS is materialised in the input dtype (fp16 as `dS / g_max`, away from
-underflow), with per-program partial sums of `dS * (q @ k.T)` (dscale) and of `dS` (dbias).
+`BWD_BLOCK x BWD_BLOCK` dS is materialised in the input dtype as `scale * dS` (fp16 divided by
+`g_max`, away from underflow), with per-program partial sums of `dS * (q @ k.T)` (dscale) and
+of `dS` (dbias).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ def _sigmoid_ds_kernel(
     q_ptr, k_ptr, scale_ptr, bias_ptr, inv_g_ptr, y_ptr, g_row_ptr,
     ds_ptr, dscale_ptr, dbias_ptr,
     M, N, D, col_offset, cols_per_part,
-    stride_qm, stride_qd, stride_kn, stride_kd, stride_dsm,
+    stride_qm, stride_qd, stride_kn, stride_kd, stride_dsm, stride_g,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    G_SCALED: tl.constexpr,  # fp16: dS is stored divided by the largest incoming gradient
     UPCAST: tl.constexpr,  # the interpreter computes low-precision dots wrongly: go through fp32
     IS_FP32: tl.constexpr,  # fp32 inputs take PRECISION (see configs.PRECISIONS); others ignore it
     PRECISION: tl.constexpr,
@@ -37,10 +39,10 @@ def _sigmoid_ds_kernel(
     m_m = o_m < M
     col_lo = pid_c * cols_per_part
     col_hi = tl.minimum(col_lo + cols_per_part, N)
-    s = tl.load(scale_ptr)
-    b = tl.load(bias_ptr)
-    inv_g = tl.load(inv_g_ptr)
-    b_g = tl.load(g_row_ptr + o_m, mask=m_m, other=0.0)  # [BLOCK_M]
+    s = tl.load(scale_ptr).to(tl.float32)
+    b = tl.load(bias_ptr).to(tl.float32)
+    out = s * tl.load(inv_g_ptr) if G_SCALED else s  # ds holds scale * dS (fp16: / g_max)
+    b_g = tl.load(g_row_ptr + o_m * stride_g, mask=m_m, other=0.0).to(tl.float32)  # [BLOCK_M]
     b_y = tl.load(y_ptr + o_m, mask=m_m, other=-1) - col_offset
     b_dscale = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_dbias = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -65,7 +67,7 @@ def _sigmoid_ds_kernel(
         b_dscale += tl.sum(b_ds * b_acc, axis=1)
         b_dbias += tl.sum(b_ds, axis=1)
         p_ds = ds_ptr + o_m[:, None] * stride_dsm + o_n[None, :]
-        tl.store(p_ds, (b_ds * inv_g).to(ds_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+        tl.store(p_ds, (b_ds * out).to(ds_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
     o_part = pid_m * tl.num_programs(1) + pid_c
     tl.store(dscale_ptr + o_part, tl.sum(b_dscale))
     tl.store(dbias_ptr + o_part, tl.sum(b_dbias))
@@ -76,33 +78,29 @@ def sigmoid_ds_bwd(
     g_row: Tensor, precision: str, tile: Tile | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dscale, dbias of `sum(g_row * per_row)` for one block."""
-    precision = configs.resolve_precision(precision)
+    precision = configs.kernel_precision(q.dtype, precision)
     m, n, d = q.shape[0], k.shape[0], q.shape[1]
     if m == 0 or n == 0:
         return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(scale),
                 torch.zeros_like(bias))
-    g_row = g_row.float().contiguous()
     g_max = fp16_grad_scale(q, g_row)
-    inv_g = (1.0 / g_max).reshape(1)
-    s = scale.detach().to(torch.float32).reshape(1)
-    b = bias.detach().to(torch.float32).reshape(1)
     y = labels.contiguous()
     t = tile or bwd_tile(q.dtype)
 
     def launch(rows, cols, ds, sums, grid, cols_per):
         _sigmoid_ds_kernel[grid](
-            q[rows], k[cols], s, b, inv_g, y[rows], g_row[rows],
-            ds, sums[0], sums[1],
+            q[rows], k[cols], scale, bias, scale if g_max is None else 1.0 / g_max, y[rows],
+            g_row[rows], ds, sums[0], sums[1],
             ds.shape[0], ds.shape[1], d, col_offset + cols.start, cols_per,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), ds.stride(0),
-            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), ds.stride(0), g_row.stride(0),
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d, G_SCALED=g_max is not None,
             UPCAST=INTERPRET and q.dtype in (torch.float16, torch.bfloat16),
             IS_FP32=q.dtype == torch.float32, PRECISION=precision,
             num_warps=t.num_warps, num_stages=t.num_stages,
         )
 
-    dq, dk, (dscale, dbias) = ds_gemms(q, k, scale, g_max, t, 2, precision, launch)
-    return dq, dk, dscale.to(scale.dtype), dbias.to(bias.dtype)
+    dq, dk, sums = ds_gemms(q, k, g_max, t, 2, precision, launch)
+    return dq, dk, sums[0].to(scale.dtype), sums[1].to(bias.dtype, copy=True)  # no aliasing
 
 
 @torch.library.custom_op("infcl::inf_sigmoid_bwd", mutates_args=())

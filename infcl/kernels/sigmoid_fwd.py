@@ -49,8 +49,8 @@ def _sigmoid_fwd_kernel(
     row_hi = tl.minimum(row_lo + rows_per_part, M)
     col_lo = pid_q * cols_per_part
     col_hi = tl.minimum(col_lo + cols_per_part, N)
-    s = tl.load(scale_ptr)
-    b = tl.load(bias_ptr)
+    s = tl.load(scale_ptr).to(tl.float32)
+    b = tl.load(bias_ptr).to(tl.float32)
     for start_m in range(row_lo, row_hi, BLOCK_M):
         o_m = start_m + tl.arange(0, BLOCK_M)
         m_m = o_m < row_hi
@@ -75,7 +75,7 @@ def sigmoid_rows(
     precision: str, tile: Tile | None = None,
 ) -> Tensor:
     """Each row's sigmoid loss over the columns of `k` [M] (fp32)."""
-    precision = configs.resolve_precision(precision)
+    precision = configs.kernel_precision(q.dtype, precision)
     m, n, d = q.shape[0], k.shape[0], q.shape[1]
     if m == 0 or n == 0:
         return torch.zeros(m, dtype=torch.float32, device=q.device)
@@ -84,8 +84,7 @@ def sigmoid_rows(
     n_q, cols_per = split(n, t.block_n, configs.PARTS)
     part = torch.empty((n_q, m), dtype=torch.float32, device=q.device)
     _sigmoid_fwd_kernel[(n_p, n_q)](
-        q, k, scale.detach().to(torch.float32).reshape(1),
-        bias.detach().to(torch.float32).reshape(1), labels.contiguous(), part,
+        q, k, scale, bias, labels.contiguous(), part,
         m, n, d, col_offset, rows_per, cols_per,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
