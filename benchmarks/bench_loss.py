@@ -14,6 +14,9 @@ that requires grad), symmetric unless it says otherwise; a step is forward + bac
   (CUDA graphs: no per-call host work)
 * `open_clip`       `open_clip.loss.ClipLoss()(q, k, s)`: what a user writes without infcl, the
   B x B logits in the input dtype (runs before this harness called this `naive`)
+* `infcl_sigmoid`   `infcl.inf_sigmoid_loss(q, k, s, BIAS)` (SigLIP; checked against the naive
+  sigmoid loss), `sigmoid_compiled` `torch.compile(infcl.naive_sigmoid_loss)`, `open_clip_siglip`
+  open_clip's `SigLipLoss()(q, k, s, BIAS)` on one GPU (the B x B logits in the input dtype)
 * `inf_cl_1.2.1`    `(cal_inf_loss(q, k, y, scale=s) + cal_inf_loss(k, q, y, scale=s)) / 2`,
   y = arange(B); fp32 only (it upcasts anyway)
 
@@ -46,10 +49,18 @@ try:
 except ImportError:  # the baseline is optional
     ClipLoss = None
 try:
+    from open_clip.loss import SigLipLoss
+except ImportError:
+    try:  # the device machines carry open_clip's loss file alone (benchmarks/README: wheels)
+        from open_clip_loss import SigLipLoss
+    except ImportError:
+        SigLipLoss = None
+try:
     from inf_cl import cal_inf_loss
 except ImportError:  # the baseline is optional
     cal_inf_loss = None
 
+BIAS = -10.0  # the sigmoid losses' bias (SigLIP's initial value)
 SCALE = 20.0  # timing
 CHECK_SCALE = 30.0  # correctness check
 ALL = 1 << 62  # no batch limit
@@ -94,6 +105,25 @@ def naive_graphed(q: Tensor, k: Tensor, s: Tensor) -> Tensor:
     return _graphed_naive(q, k, s)
 
 
+def infcl_sigmoid(q: Tensor, k: Tensor, s: Tensor) -> Tensor:
+    return infcl.inf_sigmoid_loss(q, k, s, BIAS)
+
+
+def naive_sigmoid(q: Tensor, k: Tensor, s: Tensor, **kw: object) -> Tensor:
+    return infcl.naive_sigmoid_loss(q, k, s, BIAS)
+
+
+_compiled_sigmoid = torch.compile(naive_sigmoid, dynamic=False)
+
+
+def sigmoid_compiled(q: Tensor, k: Tensor, s: Tensor) -> Tensor:
+    return _compiled_sigmoid(q, k, s)
+
+
+def open_clip_siglip(q: Tensor, k: Tensor, s: Tensor) -> Tensor:
+    return SigLipLoss()(q, k, s, torch.full((), BIAS, device=q.device))
+
+
 def open_clip_loss(q: Tensor, k: Tensor, s: Tensor) -> Tensor:
     return ClipLoss()(q, k, s)
 
@@ -111,6 +141,7 @@ class Method:
     tf32: bool = False  # float32 products run in TF32: judged with helpers.FLOOR["tf32"]
     exec_flop: int | None = None  # FLOP executed per B^2 D (infcl), for tflops_exec
     check: tuple[int, int] = (1000, 300)  # B, D of the correctness check
+    sigmoid: bool = False  # a sigmoid loss: checked against the naive sigmoid loss
 
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
@@ -120,6 +151,9 @@ METHODS = {
     "infcl_inf_ieee": Method(infcl_inf_ieee, {FP32: 65536}, exec_flop=8),
     "infcl_chunked": Method(infcl_chunked, {BF16: 65536}, exec_flop=8),
     "naive_loss": Method(naive, {BF16: 65536, FP32: 65536}),
+    "infcl_sigmoid": Method(infcl_sigmoid, {BF16: 65536}, exec_flop=8, sigmoid=True),
+    "sigmoid_compiled": Method(sigmoid_compiled, {BF16: 32768}, sigmoid=True),
+    "open_clip_siglip": Method(open_clip_siglip, {BF16: 65536}, sigmoid=True),
     "naive_compiled": Method(naive_compiled, {BF16: 65536}),
     "infcl_inf_graphed": Method(infcl_inf_graphed, {BF16: 65536}, exec_flop=8),
     "naive_graphed": Method(naive_graphed, {BF16: 16384}),
@@ -178,9 +212,11 @@ def main() -> None:
     for dt in (BF16, FP32) if cuda else ():
         rec("matmul", "tflops", 8192, dt, harness.matmul_tflops(dt, dev))
     torch.backends.cuda.matmul.allow_tf32 = False  # torch fp32 baselines are plain fp32
+    torch._dynamo.config.recompile_limit = 64  # one compile per size and dtype, never eager fallback
 
     methods = dict(METHODS)
     missing = {"open_clip": "" if ClipLoss is not None else "open_clip is not installed",
+               "open_clip_siglip": "" if SigLipLoss is not None else "open_clip is not installed",
                "inf_cl_1.2.1": "inf_cl is not installed" if cal_inf_loss is None else
                "" if cuda else "inf_cl needs CUDA"}
     for name, why in missing.items():
@@ -205,7 +241,8 @@ def main() -> None:
             k = harness.unit_rows(cb, cd, dt, 2, dev)
             s = torch.tensor(CHECK_SCALE, device=dev)
             try:
-                verdict = harness.gate(m.fn, q, k, s, tf32=m.tf32, symmetric=m.symmetric)
+                spec = dict(ref_fn=naive_sigmoid) if m.sigmoid else dict(symmetric=m.symmetric)
+                verdict = harness.gate(m.fn, q, k, s, tf32=m.tf32, **spec)
             except Exception as e:  # a baseline that cannot run is reported, not fatal
                 print(f"check {name} {dt} raised {type(e).__name__}: {e}")
                 rec(name, "check_failed", cb, dt, float("nan"), d=cd)

@@ -193,13 +193,14 @@ def floor(dtype: torch.dtype, tf32: bool) -> float:
 
 
 def gate(fn: Callable[..., Tensor], q: Tensor, k: Tensor, scale: Tensor, *, tf32: bool = False,
-         **spec: object) -> helpers.Verdict:
-    """The verdict of helpers.judge on `fn(q, k, scale)` against `infcl.naive_loss(q, k, scale,
-    **spec)`: loss, dq, dk and dscale of `loss.sum()`, naive in float64 as the truth and naive in
-    q's dtype as the yardstick. `tf32`: fn runs float32 products in TF32 (its own floor).
-    Output dtypes are not judged: a baseline's are its own business (the tests hold infcl's)."""
-    truth = helpers.ground_truth(q, k, scale, **spec)
-    ref = helpers.run(infcl.naive_loss, q, k, scale, **spec)
+         ref_fn: Callable[..., Tensor] = infcl.naive_loss, **spec: object) -> helpers.Verdict:
+    """The verdict of helpers.judge on `fn(q, k, scale)` against `ref_fn(q, k, scale, **spec)`
+    (`infcl.naive_loss`, or the sigmoid one): loss, dq, dk and dscale of `loss.sum()`, the
+    reference in float64 as the truth and in q's dtype as the yardstick. `tf32`: fn runs
+    float32 products in TF32 (its own floor). Output dtypes are not judged: a baseline's are
+    its own business (the tests hold infcl's)."""
+    truth = helpers.run(ref_fn, q.double(), k.double(), scale.detach().double(), **spec)
+    ref = helpers.run(ref_fn, q, k, scale, **spec)
     got = helpers.run(fn, q, k, scale)
     return helpers.judge(got, ref, truth, dtype=q.dtype, floor=floor(q.dtype, tf32))
 

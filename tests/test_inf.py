@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import infcl
 from infcl import inf
-from infcl.kernels import configs
+from infcl.kernels import configs, lse_bwd
 from infcl.kernels.logits import matmul_precision
 
 INTERPRET = configs.INTERPRET
@@ -120,6 +120,50 @@ def test_symmetric_pays_once_and_keeps_low_precision(small_blocks):
     for _, dtypes in log.calls:
         assert dtypes[:2] == [torch.bfloat16, torch.bfloat16]
     assert q.grad.dtype == k.grad.dtype == torch.bfloat16
+
+
+class Allocations(TorchDispatchMode):
+    """Records (shape, dtype) of every tensor an op returns in new memory (not in place)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        given = {a.untyped_storage().data_ptr() for a in [*args, *kwargs.values()]
+                 if isinstance(a, torch.Tensor)}
+        out = func(*args, **kwargs)
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:
+                self.made.append((tuple(t.shape), t.dtype))
+        return out
+
+
+@interpret
+@needs_interpret
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("two_sweeps", [False, True], ids=["accumulator", "two-sweeps"])
+def test_large_backward_holds_no_key_accumulator(small_blocks, monkeypatch, dtype, two_sweeps):
+    """Past `ACC_BYTES_MAX` the backward sweeps twice instead of holding an fp32 [N, D]
+    key-gradient accumulator: the same gradients (against naive), and no such tensor made."""
+    if two_sweeps:
+        monkeypatch.setattr(configs, "ACC_BYTES_MAX", 0)
+    gen = torch.Generator().manual_seed(11)
+    labels = tuple(torch.randint(0, 61, (50,), generator=gen).tolist())
+    for p in (Problem(m=53, n=53, d=19, symmetric=True, scale=20.0, unit=True, seed=12),
+              Problem(m=50, n=61, d=19, labels=labels, reduction="sum", seed=13)):
+        check(p, dtype, "cpu")
+    q = torch.randn(61, 19, dtype=dtype, generator=gen)
+    k = torch.randn(70, 19, dtype=dtype, generator=gen)
+    s, y = torch.tensor(5.0), torch.arange(61)
+    row, col, _ = torch.ops.infcl.inf_fwd(q, k, s, y, 0, False, 0, "ieee")
+    g = torch.full((61,), 1 / 61)
+    with Allocations() as log:  # the backward op's body, where the mode sees its allocations
+        lse_bwd.ds_bwd(q, k, s, y, 0, row, col, g, col, -g, "ieee")
+    fp32_keys = [m for m in log.made if m == ((70, 19), torch.float32)]
+    # fp32: the gradient itself; bf16 and fp16: the accumulator, unless sweeping twice
+    assert len(fp32_keys) == (1 if dtype == torch.float32 else int(not two_sweeps)), log.made
 
 
 @interpret
@@ -240,6 +284,20 @@ def test_ieee_precision_and_several_blocks_cuda(monkeypatch, dtype):
     monkeypatch.setattr(configs, "BWD_BLOCK", 256)
     p = Problem(m=1000, n=1000, d=300, symmetric=True, scale=30.0, unit=True, seed=4)
     check(p, dtype, "cuda", precision="ieee")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_two_sweep_backward_cuda(monkeypatch, dtype):
+    """The backward without an fp32 key accumulator (`ACC_BYTES_MAX` passed), several blocks."""
+    monkeypatch.setattr(configs, "BWD_BLOCK", 256)
+    monkeypatch.setattr(configs, "ACC_BYTES_MAX", 0)
+    p = Problem(m=1000, n=1000, d=300, symmetric=True, scale=30.0, unit=True, seed=14)
+    check(p, dtype, "cuda")
+    gen = torch.Generator().manual_seed(15)
+    labels = tuple(torch.randint(0, 700, (900,), generator=gen).tolist())
+    check(Problem(m=900, n=700, d=130, labels=labels, scale=20.0, unit=True, seed=16), dtype, "cuda")
 
 
 @pytest.mark.gpu

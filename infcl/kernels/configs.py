@@ -100,3 +100,9 @@ def split(size: int, block: int, most: int) -> tuple[int, int]:
 BWD_BLOCK = 8192
 """Side of the square block of logit gradients the backward materialises before its two GEMMs
 (at most BWD_BLOCK**2 elements: 128 MiB in bf16). Tests lower it to exercise the block loops."""
+
+ACC_BYTES_MAX = 256 << 20
+"""The largest fp32 [N, D] key-gradient accumulator the backward holds (N * D * 4 bytes; N =
+131072 at D = 512). Past it, the backward sweeps the blocks a second time in column order,
+recomputing dS, so that its memory is the gradients, one dS block and one fp32 block."""
+

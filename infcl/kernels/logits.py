@@ -134,8 +134,11 @@ def ds_gemms(
     partial sums. q and k are not empty.
 
     A loss of one block (M, N <= BWD_BLOCK) without fp16 scaling gets its gradients straight
-    from two GEMMs in the input dtype (cuBLAS accumulates in fp32 and rounds once); larger ones
-    add into an fp32 dq block and an fp32 dk accumulator."""
+    from two GEMMs in the input dtype (cuBLAS accumulates in fp32 and rounds once). Larger ones
+    add into an fp32 dq block per row block and an fp32 [N, D] dk accumulator; when that
+    accumulator would pass `configs.ACC_BYTES_MAX`, a second sweep in column order recomputes
+    dS instead and keeps one fp32 dk block at a time (a third more backward work, and the
+    gradients are then all the memory the backward needs)."""
     m, n, d = q.shape[0], k.shape[0], q.shape[1]
     f32 = dict(dtype=torch.float32, device=q.device)
     ds_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
@@ -146,29 +149,46 @@ def ds_gemms(
     sums = torch.zeros((n_sums, len(row_blocks) * len(col_blocks), per_block), **f32)
     ds_buf = torch.empty((min(m, blk), min(n, blk)), dtype=ds_dtype, device=q.device)
     one_block = len(row_blocks) == len(col_blocks) == 1 and g_max is None
+    two_sweeps = not one_block and n * d * 4 > configs.ACC_BYTES_MAX
 
-    def block(i: int, rows: slice, cols: slice) -> Tensor:
+    def block(rows: slice, cols: slice, out: Tensor) -> Tensor:
+        """dS of one block into ds_buf; the partial sums into `out` [n_sums, per_block]."""
         ds = ds_buf[: rows.stop - rows.start, : cols.stop - cols.start]
         parts, cols_per = configs.split(cols.stop - cols.start, tile.block_n, configs.BWD_PARTS)
         grid = (triton.cdiv(rows.stop - rows.start, tile.block_m), parts)
-        launch(rows, cols, ds, list(sums[:, i, : grid[0] * grid[1]]), grid, cols_per)
+        launch(rows, cols, ds, list(out[:, : grid[0] * grid[1]]), grid, cols_per)
         return ds
+
+    def span(start: int, size: int) -> slice:
+        return slice(start, min(start + blk, size))
 
     fp32 = matmul_precision(precision) if q.dtype == torch.float32 else contextlib.nullcontext()
     with fp32:
         if one_block:
-            ds = block(0, slice(0, m), slice(0, n))
+            ds = block(slice(0, m), slice(0, n), sums[:, 0])
             return ds @ k, ds.T @ q, sums.sum(dim=(1, 2))
         dq = torch.empty_like(q)
-        dk32 = torch.zeros(k.shape, **f32)
+        dk32 = None if two_sweeps else torch.zeros(k.shape, **f32)
         for a_i, a in enumerate(row_blocks):
-            rows = slice(a, min(a + blk, m))
+            rows = span(a, m)
             dq32 = torch.zeros((rows.stop - a, d), **f32)
             for c_i, c in enumerate(col_blocks):
-                cols = slice(c, min(c + blk, n))
-                ds = block(a_i * len(col_blocks) + c_i, rows, cols)
+                cols = span(c, n)
+                ds = block(rows, cols, sums[:, a_i * len(col_blocks) + c_i])
                 addmm32_(dq32, ds, k[cols])
-                addmm32_(dk32[cols], ds.T, q[rows])
+                if dk32 is not None:
+                    addmm32_(dk32[cols], ds.T, q[rows])
             dq[rows] = dq32 if g_max is None else dq32.mul_(g_max)
-    dk = dk32 if g_max is None else dk32.mul_(g_max)  # in place: [N, D] fp32 is a lot at large N
-    return dq, dk.to(k.dtype), sums.sum(dim=(1, 2))
+        if dk32 is not None:
+            dk = dk32 if g_max is None else dk32.mul_(g_max)  # in place: [N, D] fp32 is large
+            return dq, dk.to(k.dtype), sums.sum(dim=(1, 2))
+        dk = torch.empty_like(k)
+        scratch = torch.empty_like(sums[:, 0])  # the sums were taken in the first sweep
+        for c in col_blocks:
+            cols = span(c, n)
+            dk32 = torch.zeros((cols.stop - c, d), **f32)
+            for a in row_blocks:
+                rows = span(a, m)
+                addmm32_(dk32, block(rows, cols, scratch).T, q[rows])
+            dk[cols] = dk32 if g_max is None else dk32.mul_(g_max)
+    return dq, dk, sums.sum(dim=(1, 2))
