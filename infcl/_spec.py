@@ -28,7 +28,7 @@ from infcl.kernels.numerics import FLOAT_DTYPES
 
 REDUCTIONS = ("mean", "sum", "none")
 
-SPEC_DOC = """
+SPEC_PROSE = """
     Computes the contrastive (InfoNCE / CLIP) loss on `S = scale * q @ k.T` with float32
     accumulation (float64 for float64 inputs). For row i with positive column `y_i`
     (`labels[i]`, or `i` when labels is None) the q->k loss is
@@ -40,7 +40,11 @@ SPEC_DOC = """
     ignore_index=ignore_index)`. With `symmetric=True` it is the CLIP loss
     `(mean_i l_i(q->k) + mean_j l_j(k->q)) / 2` with diagonal positives, and
     `reduction="none"` returns the per-pair average `(l_i(q->k) + l_i(k->q)) / 2`.
+"""
+"""The function every softmax loss computes (the prose of `SPEC_DOC`, written once on the API
+page of the docs site)."""
 
+SPEC_DOC = SPEC_PROSE + """
     Args:
         q: `[M, D]` rows (e.g. image embeddings); float16, bfloat16, float32 or float64.
             The loss does not normalise them.
@@ -67,7 +71,7 @@ SPEC_DOC = """
             when labels are given).
 """
 
-SIGMOID_SPEC_DOC = """
+SIGMOID_SPEC_PROSE = """
     Computes the sigmoid (SigLIP) loss on `S = scale * q @ k.T + bias` with float32
     accumulation (float64 for float64 inputs). Row i's positive is column `y_i` (`labels[i]`,
     or `i` when labels is None); every other pair is a negative. With `z_ij = +1` at the
@@ -79,7 +83,10 @@ SIGMOID_SPEC_DOC = """
     `sum_i l_i / M` (divided by the number of rows, as open_clip's `SigLipLoss` is), `"sum"`
     the sum and `"none"` the vector `[M]`. In exact arithmetic it equals
     `-F.logsigmoid(z * (scale * q.double() @ k.double().T + bias)).sum(1)` reduced.
+"""
+"""The function every sigmoid loss computes (the prose of `SIGMOID_SPEC_DOC`)."""
 
+SIGMOID_SPEC_DOC = SIGMOID_SPEC_PROSE + """
     Args:
         q: `[M, D]` rows (e.g. image embeddings); float16, bfloat16, float32 or float64.
         k: `[N, D]` columns (e.g. text embeddings), same dtype and device as `q`.

@@ -1,4 +1,4 @@
-"""jaxtyping aliases and the compile-aware runtime check used on the public functions."""
+"""The annotations of the public signatures (jaxtyping), checked at run time in eager mode."""
 
 from __future__ import annotations
 
@@ -15,10 +15,15 @@ from torch import Tensor
 __all__ = ["Rows", "Cols", "Labels", "Scale", "Loss", "typechecked"]
 
 Rows = Float[Tensor, "m d"]
+"""`q`: a floating tensor `[M, D]`, one row per query (e.g. image embeddings)."""
 Cols = Float[Tensor, "n d"]
+"""`k`: a floating tensor `[N, D]` (e.g. text embeddings), the same D, dtype and device as q."""
 Labels = Integer[Tensor, " m"]
+"""`labels`: an integer tensor `[M]`, each row's positive column."""
 Scale = Union[float, int, Float[Tensor, ""]]
+"""`scale` (and the sigmoid loss's `bias`): a Python number or a 0-dim floating tensor."""
 Loss = Float[Tensor, "..."]
+"""The result: a 0-dim tensor, or `[M]` with `reduction="none"`."""
 
 F = TypeVar("F", bound=Callable)
 

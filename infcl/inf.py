@@ -44,9 +44,16 @@ def inf_loss(
 describe(
     inf_loss,
     extra="""
-    Memory: the inputs' gradients, an fp32 key-gradient accumulator, one block of at most
-    8192 x 8192 logit gradients in the input dtype (128 MiB in bf16) and O(M + N) statistics.
-    The forward never stores logits; the backward recomputes them block by block.
+    Memory: the inputs' gradients, one block of at most 8192 x 8192 logit gradients in the
+    input dtype (128 MiB in bf16), O(M + N) statistics, and an fp32 key-gradient accumulator
+    while that stays under 256 MiB (N * D <= 2**26); past it the backward recomputes each
+    block once more instead (about 30% more backward time). The forward never stores logits.
+
+    Small batches: a call costs host time whatever B (checks, two custom ops, three kernel
+    launches: about 2 ms on the machine of the Results page); under
+    `torch.compile(mode="reduce-overhead")` or a captured `torch.cuda.graph` (both supported,
+    forward and backward) only the GPU work remains. Inside a graph the labels' range is
+    checked on the device: a bad label stops the replay with a device-side assert.
 
     Devices: CUDA tensors run the Triton kernels (bf16 and fp16 straight to the tensor cores,
     fp32 statistics); CPU tensors run the same kernels through the Triton interpreter when

@@ -112,6 +112,93 @@ def test_corrupt_samples_are_skipped_and_counted(shapes, tmp_path) -> None:
     assert len(list(data.read_pairs(str(bad)))) == 4
 
 
+def _cut(src: str, dst: Path, keep: int) -> None:
+    """The first `keep` bytes of tar `src` at `dst`."""
+    dst.write_bytes(Path(src).read_bytes()[:keep])
+
+
+def test_damaged_shards_are_named_once(shapes, tmp_path) -> None:
+    """A tar cut at a member boundary or inside a member: the shard is reported once (however
+    many epochs read it), the samples before the cut are read, none is counted twice."""
+    good = data.expand_shards(shapes["val"])[0]
+    with tarfile.open(good) as t:
+        members = t.getmembers()
+    boundary = members[8].offset  # four whole samples, then the cut
+    for name, keep in (("boundary", boundary), ("inside", boundary + 700)):
+        bad = tmp_path / name / "0000.tar"
+        bad.parent.mkdir()
+        _cut(good, bad, keep)
+        stream = data.ShardStream([str(bad)], shuffle_buffer=0, epochs=2)
+        samples = [s for s in stream if "txt" in s and any(e in s for e in data.IMAGE_EXTS)]
+        assert len(samples) == 8, name  # two epochs of the four whole samples
+        assert list(stream.counts.bad_shards) == [str(bad)], (name, stream.counts.bad_shards)
+        assert "cut short" in stream.counts.bad_shards[str(bad)]
+        assert data.truncated(good) is None
+
+
+def test_undecodable_shards_stop_with_an_error(shapes, tmp_path) -> None:
+    good = data.expand_shards(shapes["val"])[0]
+    bad = tmp_path / "0000.tar"
+    with tarfile.open(good) as src, tarfile.open(bad, "w") as dst:
+        for member in src.getmembers():
+            payload = src.extractfile(member).read()
+            if member.name.endswith(".jpg"):
+                payload = b"not a jpeg"
+            member.size = len(payload)
+            dst.addfile(member, io.BytesIO(payload))
+    _, pre, _ = open_clip.create_model_and_transforms(MODEL)
+    loader = data.PairLoader(str(bad), 4, pre, open_clip.get_tokenizer(MODEL), shuffle_buffer=0)
+    with pytest.raises(RuntimeError, match="no sample of rank 0's shards decodes"):
+        next(loader)
+
+
+def test_resume_latest_without_checkpoint_starts_fresh(shapes, tmp_path) -> None:
+    train.main(args(shapes, tmp_path, "--steps", "1", "--resume", "latest"))
+    assert sorted(losses(tmp_path)) == [1]
+
+
+def test_resume_in_place_keeps_the_log_and_latest_is_atomic(shapes, tmp_path, monkeypatch) -> None:
+    """Resumed in its own folder from step 2 of 3, a run keeps rows 1 and 2 (the checkpoint's
+    own row) as they were and rewrites row 3 with the same value; eval.csv names `step` once;
+    a failure while `latest.pt` is repointed leaves the previous one."""
+    train.main(args(shapes, tmp_path, "--steps", "3", "--save-every", "1",
+                    "--retrieval-data", shapes["val"], "--eval-every", "1"))
+    first = losses(tmp_path)
+    ckpts = tmp_path / "checkpoints"
+    train.main(args(shapes, tmp_path, "--steps", "3", "--resume", str(ckpts / "step_0000002.pt"),
+                    "--retrieval-data", shapes["val"], "--eval-every", "1"))
+    assert losses(tmp_path) == first and sorted(first) == [1, 2, 3]
+    with (tmp_path / "eval.csv").open() as f:
+        header = next(csv.reader(f))
+        assert header.count("step") == 1 and len(list(f)) == 3
+    assert not list(ckpts.glob("*.tmp"))
+
+    def no_link(*a, **k):
+        raise OSError("killed")
+
+    monkeypatch.setattr(train.os, "link", no_link)
+    with pytest.raises(OSError, match="killed"):
+        train.main(args(shapes, tmp_path, "--steps", "4", "--resume", "latest"))
+    assert torch.load(ckpts / "latest.pt", weights_only=True)["step"] == 3
+
+
+def test_log_is_written_as_the_run_goes(shapes, tmp_path, monkeypatch) -> None:
+    """A run that dies at step 2 without a checkpoint has step 1's row on disk."""
+    real = data.PairLoader.__next__
+    calls = []
+
+    def dying(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(data.PairLoader, "__next__", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args(shapes, tmp_path, "--steps", "3"))
+    assert sorted(losses(tmp_path)) == [1]
+
+
 def test_two_steps_then_resume_reproduces(shapes, run_two_steps, tmp_path) -> None:
     first = losses(run_two_steps)
     assert sorted(first) == [1, 2] and all(v > 0 for v in first.values())

@@ -7,7 +7,10 @@ The stream is deterministic: epoch `e` visits the shards in an order drawn from 
 `r` of `W` reads every W-th of them, and a seeded buffer shuffles samples across shards. So the
 number of raw samples a rank has consumed (`position`) is the whole data state of a run, and a
 resumed run skips that many samples without decoding them, then sees exactly what the
-uninterrupted run saw. Samples that fail to decode are skipped and counted, never fatal.
+uninterrupted run saw. Samples that fail to decode are skipped and counted, never fatal; a
+damaged shard (cut short, or unreadable as a tar) is reported once by name, with what its
+samples after the damage cost not knowable; a rank whose shards yield no decodable sample in a
+whole epoch stops with an error instead of reading them forever.
 """
 
 from __future__ import annotations
@@ -48,16 +51,37 @@ def expand_shards(pattern: str | list[str]) -> list[str]:
 
 @dataclass
 class Counts:
-    """What the stream met: samples read, and those skipped (bad image, no caption, bad tar)."""
+    """What the stream met: samples read, those skipped (bad image, no caption), and the damaged
+    shards (url -> what is wrong), each named once however many epochs read it."""
 
     read: int = 0
     corrupt: int = 0
     errors: list[str] = field(default_factory=list)
+    bad_shards: dict[str, str] = field(default_factory=dict)
 
     def note(self, what: str) -> None:
         self.corrupt += 1
         if len(self.errors) < 20:
             self.errors.append(what)
+
+    def shard(self, url: str, why: str) -> None:
+        self.bad_shards.setdefault(url, why)
+
+
+def truncated(url: str) -> str | None:
+    """Why a local tar is cut short, or None: a whole tar is a multiple of 512 bytes and ends
+    with two zero blocks; a cut at a member boundary loses that ending, a cut inside a member
+    the block size too. (URLs and pipes are not checked.)"""
+    if "://" in url or url.startswith("pipe:") or not os.path.isfile(url):
+        return None
+    size = os.path.getsize(url)
+    if size % 512:
+        return f"cut short inside a member ({size} bytes, not a multiple of 512)"
+    with open(url, "rb") as f:
+        f.seek(max(0, size - 1024))
+        if size < 1024 or f.read(1024).strip(b"\0"):
+            return "cut short at a member boundary (no end-of-archive blocks)"
+    return None
 
 
 class ShardStream:
@@ -70,15 +94,23 @@ class ShardStream:
         self.urls, self.seed, self.rank, self.world = urls, seed, rank, world
         self.shuffle_buffer, self.epochs = shuffle_buffer, epochs
         self.counts = Counts()
+        self.epoch = 0  # the epoch being read
 
     def _handler(self, exn: Exception) -> bool:
-        self.counts.note(f"{type(exn).__name__}: {exn}")
+        """A tar-level error (the shard, not one sample): named once; reading goes on."""
+        text = " ".join(map(str, getattr(exn, "args", ())))  # webdataset adds the url or file
+        url = next((u for u in self.urls if u in text), "an unnamed shard")
+        self.counts.shard(url, f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}")
         return True
 
     def _epoch(self, epoch: int) -> Iterator[dict[str, Any]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.urls), generator=g).tolist()
         mine = [self.urls[i] for i in order][self.rank :: self.world]
+        for url in mine:
+            why = truncated(url)
+            if why:
+                self.counts.shard(url, why)
         samples = tarfile_samples([{"url": u} for u in mine], handler=self._handler)
         if self.shuffle_buffer <= 1:
             yield from samples
@@ -97,15 +129,15 @@ class ShardStream:
             yield buf.pop()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        epoch = 0
-        while self.epochs is None or epoch < self.epochs:
+        self.epoch = 0
+        while self.epochs is None or self.epoch < self.epochs:
             empty = True
-            for s in self._epoch(epoch):
+            for s in self._epoch(self.epoch):
                 empty = False
                 yield s
             if empty:
                 raise RuntimeError(f"no readable samples in rank {self.rank}'s shards: {self.urls}")
-            epoch += 1
+            self.epoch += 1
 
 
 def decode(sample: dict[str, Any]) -> tuple[Image.Image, str]:
@@ -140,6 +172,7 @@ class PairLoader:
         for _ in range(start):  # skip without decoding
             next(self._it)
         self.stream.counts.read = start
+        self._good_epoch = self.stream.epoch  # the last epoch that gave a decodable sample
 
     @property
     def counts(self) -> Counts:
@@ -158,7 +191,12 @@ class PairLoader:
                 image, caption = decode(raw)
             except Exception as exn:  # a bad sample costs one sample, not the run
                 self.counts.note(f"{raw.get('__url__')}:{raw.get('__key__')}: {exn}")
+                if self.stream.epoch > self._good_epoch + 1:  # a whole epoch, nothing usable
+                    raise RuntimeError(
+                        f"no sample of rank {self.stream.rank}'s shards decodes ({self.counts.corrupt} "
+                        f"tried; first errors: {self.counts.errors[:3]})") from exn
                 continue
+            self._good_epoch = self.stream.epoch
             images.append(self.transform(image))
             captions.append(caption)
         return torch.stack(images), self.tokenizer(captions)

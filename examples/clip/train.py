@@ -12,7 +12,7 @@ the resumed run's losses are the uninterrupted run's.
 
 Writes under --out: `checkpoints/step_NNNNNNN.pt` and `latest.pt` (loadable with
 `open_clip.create_model_and_transforms(name, pretrained=path)`), `log.csv` (one row a step),
-`eval.csv` and `curves.png`.
+`eval.csv` (both written as the run goes) and `curves.png`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import evaluate as ev  # noqa: E402
 from data import PairLoader  # noqa: E402
 
-LOG_FIELDS = ("step", "loss", "lr", "scale", "samples_per_s", "samples_seen", "corrupt")
 LOSSES = {"inf": infcl.inf_loss, "chunked": infcl.ring_loss, "naive": infcl.naive_loss}
 """`chunked` is ring_loss: torch tiles, around the ranks under torchrun, chunked_loss in one process."""
 SIGMOID_LOSSES = {"inf": infcl.inf_sigmoid_loss, "chunked": infcl.ring_sigmoid_loss,
@@ -146,15 +145,17 @@ def gather_objects(obj: Any, world: int) -> list[Any]:
 
 
 def save_checkpoint(path: Path, *, name: str, model: nn.Module, opt, sched, step: int,
-                    position: int, world: int, rngs: list, args: argparse.Namespace) -> None:
-    """One file: a `state_dict` open_clip can load, plus what `--resume` needs."""
+                    positions: list[int], world: int, rngs: list, args: argparse.Namespace) -> None:
+    """One file: a `state_dict` open_clip can load, plus what `--resume` needs (every rank's
+    data position: ranks that skipped different numbers of bad samples stand at different
+    places in their streams)."""
     ckpt = {
         "name": name,
         "state_dict": ev.unwrap(model).state_dict(),
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
         "step": step,
-        "data": {"position": position, "world": world},
+        "data": {"position": positions[0], "positions": positions, "world": world},
         "rng": rngs,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
@@ -164,19 +165,47 @@ def save_checkpoint(path: Path, *, name: str, model: nn.Module, opt, sched, step
     tmp.replace(path)  # a crash while writing never leaves a half checkpoint behind
 
 
-def write_rows(path: Path, fields: Sequence[str], rows: list[dict], keep_below: int | None) -> None:
-    """Append rows; on a resumed run first drop the rows of steps that will be run again."""
-    old: list[dict] = []
-    if keep_below is not None and path.exists():
-        with path.open() as f:
-            old = [r for r in csv.DictReader(f) if int(r["step"]) < keep_below]
-    mode = "w" if keep_below is not None or not path.exists() else "a"
-    with path.open(mode, newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
-        if mode == "w":
-            w.writeheader()
-            w.writerows(old)
-        w.writerows(rows)
+def link_latest(ckpt_dir: Path, path: Path) -> None:
+    """Point `latest.pt` at `path` atomically: a new link beside it, renamed over it, so that a
+    kill at any moment leaves the old or the new `latest.pt`, never none."""
+    tmp = ckpt_dir / "latest.pt.tmp"
+    tmp.unlink(missing_ok=True)
+    os.link(path, tmp)
+    os.replace(tmp, ckpt_dir / "latest.pt")
+
+
+class CsvLog:
+    """A CSV written as the run goes: one row appended (and flushed) per `add`. A run resumed at
+    step `keep_upto` first keeps the rows of steps up to and including it (the checkpoint's own
+    row among them) and drops the rest, by writing a new file beside the old and renaming it
+    over (a kill during that leaves the old file whole); a fresh run (`keep_upto=0`) starts
+    the file anew."""
+
+    def __init__(self, path: Path, keep_upto: int) -> None:
+        self.path = path
+        self.fields: list[str] | None = None
+        kept: list[dict] = []
+        if path.exists() and keep_upto > 0:
+            with path.open(newline="") as f:
+                reader = csv.DictReader(f)
+                self.fields = list(reader.fieldnames or []) or None
+                kept = [r for r in reader if int(r["step"]) <= keep_upto]
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w", newline="") as f:
+            if self.fields:
+                w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(kept)
+        os.replace(tmp, path)
+
+    def add(self, row: dict) -> None:
+        with self.path.open("a", newline="") as f:
+            if self.fields is None:
+                self.fields = list(row)
+            w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+            if f.tell() == 0:
+                w.writeheader()
+            w.writerow(row)
 
 
 def plot(out: Path) -> Path:
@@ -243,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out: Path = args.out
     ckpt_dir = out / "checkpoints"
     resume_path = ckpt_dir / "latest.pt" if args.resume == "latest" else args.resume
+    if args.resume == "latest" and not resume_path.exists():
+        resume_path = None  # open_clip's idiom: `--resume latest` on a new run starts it
     ckpt = ev.read_checkpoint(resume_path, args.model) if resume_path else None
 
     torch.manual_seed(args.seed)  # same initial weights on every rank
@@ -268,7 +299,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ev.load_state(model, ckpt["state_dict"], str(resume_path))
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        start, position = ckpt["step"], ckpt["data"]["position"]
+        start = ckpt["step"]
+        position = ckpt["data"].get("positions", [ckpt["data"]["position"]] * world)[rank]
         set_rng_state(ckpt["rng"][rank])
     else:
         torch.manual_seed(args.seed * 7919 + rank)
@@ -314,11 +346,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     loader = PairLoader(args.train_data, local_batch, preprocess_train, tokenizer,
                         seed=args.seed, rank=rank, world=world,
                         shuffle_buffer=args.shuffle_buffer, start=position)
-    log_rows: list[dict] = []
-    eval_rows: list[dict] = []
-    first_write = start
+    log = evals = None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        log, evals = CsvLog(out / "log.csv", start), CsvLog(out / "eval.csv", start)
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps,
                disable=rank != 0 or args.no_progress, dynamic_ncols=True,
                mininterval=1 if sys.stderr.isatty() else 15)
@@ -353,34 +384,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "scale": ev.unwrap(model).logit_scale.exp().item(),
             "samples_per_s": args.batch_size / (time.perf_counter() - t0),
             "samples_seen": done * args.batch_size, "corrupt": loader.counts.corrupt,
+            "bad_shards": len(loader.counts.bad_shards),
         }
-        log_rows.append(row)
+        if log is not None:
+            log.add(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", scale=f"{row['scale']:.1f}", refresh=False)
         is_last = done == args.steps
         if rank == 0 and (is_last or (args.eval_every and done % args.eval_every == 0)):
             if args.zeroshot_dir or args.retrieval_data:
                 last_eval = evaluate(model, tokenizer, preprocess_val, args, device)
-                eval_rows.append({"step": done} | last_eval)
+                evals.add({"step": done} | last_eval)
                 bar.write(f"step {done}: " + ", ".join(
                     f"{k} {v:.3f}" for k, v in last_eval.items() if isinstance(v, float)))
         if is_last or (args.save_every and done % args.save_every == 0):
             rngs = gather_objects(rng_state(), world)
+            positions = gather_objects(loader.position, world)
             if rank == 0:
                 path = ckpt_dir / f"step_{done:07d}.pt"
                 save_checkpoint(path, name=args.model, model=model, opt=opt, sched=sched,
-                                step=done, position=loader.position, world=world, rngs=rngs,
+                                step=done, positions=positions, world=world, rngs=rngs,
                                 args=args)
-                (ckpt_dir / "latest.pt").unlink(missing_ok=True)
-                os.link(path, ckpt_dir / "latest.pt")
-                write_rows(out / "log.csv", LOG_FIELDS, log_rows,
-                           first_write if first_write == start else None)
-                if eval_rows:
-                    write_rows(out / "eval.csv", ["step", *eval_rows[0]], eval_rows,
-                               first_write if first_write == start else None)
-                log_rows, eval_rows, first_write = [], [], -1
+                link_latest(ckpt_dir, path)
     bar.close()
     summary: dict[str, Any] = {"out": str(out), "steps": args.steps, "eval": last_eval,
-                               "corrupt": loader.counts.corrupt, "read": loader.counts.read}
+                               "corrupt": loader.counts.corrupt, "read": loader.counts.read,
+                               "bad_shards": sorted(loader.counts.bad_shards)}
     if rank == 0:
         if (out / "log.csv").exists():
             summary["plot"] = str(plot(out))
@@ -388,6 +416,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if loader.counts.corrupt:
             print(f"skipped {loader.counts.corrupt} corrupt samples of {loader.counts.read}; "
                   f"first: {loader.counts.errors[:3]}", file=sys.stderr)
+        for url, why in sorted(loader.counts.bad_shards.items()):
+            print(f"damaged shard {url}: {why}", file=sys.stderr)
     if world > 1:
         dist.barrier()
     return summary
