@@ -53,7 +53,8 @@ describe(
     launches: about 2 ms on the machine of the Results page); under
     `torch.compile(mode="reduce-overhead")` or a captured `torch.cuda.graph` (both supported,
     forward and backward) only the GPU work remains. Inside a graph the labels' range is
-    checked on the device: a bad label stops the replay with a device-side assert.
+    checked on the device: a bad label fails the replay with a device-side assert, after
+    which the process's CUDA context is unusable (restart it).
 
     Devices: CUDA tensors run the Triton kernels (bf16 and fp16 straight to the tensor cores,
     fp32 statistics); CPU tensors run the same kernels through the Triton interpreter when

@@ -182,6 +182,31 @@ def test_resume_in_place_keeps_the_log_and_latest_is_atomic(shapes, tmp_path, mo
     assert torch.load(ckpts / "latest.pt", weights_only=True)["step"] == 3
 
 
+def test_csv_log_drops_a_torn_row_and_widens_its_header(tmp_path) -> None:
+    path = tmp_path / "log.csv"
+    path.write_text("step,loss\n1,0.5\n2,0.4\n3,0.3\n1")  # killed while writing step 13
+    log = train.CsvLog(path, keep_upto=2)
+    log.add({"step": 3, "loss": 0.25, "bad_shards": 0})
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["1", "2", "3"] and rows[2]["bad_shards"] == "0"
+    assert rows[0]["loss"] == "0.5" and rows[0]["bad_shards"] == ""
+    train.CsvLog(path, keep_upto=3)  # resumed again: the widened rows all stay
+    with path.open() as f:
+        assert [r["step"] for r in csv.DictReader(f)] == ["1", "2", "3"]
+
+
+def test_resume_latest_falls_back_to_the_newest_step(shapes, tmp_path) -> None:
+    """A kill while `latest.pt` was repointed leaves step files: `--resume latest` continues
+    from the newest of them instead of starting over."""
+    train.main(args(shapes, tmp_path, "--steps", "2", "--save-every", "1"))
+    first = losses(tmp_path)
+    (tmp_path / "checkpoints" / "latest.pt").unlink()
+    (tmp_path / "checkpoints" / "step_0000002.pt").unlink()
+    train.main(args(shapes, tmp_path, "--steps", "2", "--resume", "latest"))
+    assert losses(tmp_path) == first
+
+
 def test_log_is_written_as_the_run_goes(shapes, tmp_path, monkeypatch) -> None:
     """A run that dies at step 2 without a checkpoint has step 1's row on disk."""
     real = data.PairLoader.__next__
@@ -257,6 +282,12 @@ def test_topk_accuracy_known_case() -> None:
     assert res == {"top1": 0.5, "top2": 0.75}
 
 
+def test_mean_rank_known_case() -> None:
+    logits = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.3, 0.5], [0.1, 0.8, 0.1]])
+    labels = torch.tensor([0, 0, 2])  # ranks 1, 3 and 2 (0.1 ties 0.1: in its favour)
+    assert ev.mean_rank(logits, labels) == pytest.approx(2.0)
+
+
 def test_retrieval_recall_known_case() -> None:
     txt = torch.eye(3)
     img = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.2, 1.0], [0.0, 0.9, 0.1], [0.1, 1.0, 0.0]])
@@ -274,6 +305,7 @@ def test_zero_shot_and_retrieval_on_shards(shapes, run_two_steps) -> None:
     zs = ev.zero_shot(model, tok, pre, shapes["folder"], "cpu")
     assert 0 <= zs["zeroshot_top1"] <= zs["zeroshot_top5"] <= 1
     assert zs["zeroshot_chance"] == pytest.approx(1 / 30)
+    assert 1 <= zs["zeroshot_mean_rank"] <= 30
     rr = ev.retrieval(model, tok, pre, shapes["val"], "cpu")
     assert rr["retrieval_pairs"] == N_VAL and rr["image_to_text_R@1"] <= rr["image_to_text_R@10"]
     classifier = ev.zero_shot_classifier(model, tok, ["red circle", "blue square"], ["a {}."], "cpu")

@@ -32,6 +32,20 @@ def job_cases(ctx: Ctx, cases: list[Sharded]) -> list[str]:
     return [check_case(ctx, p, inf_ring) for p in cases]
 
 
+def inf_ring_strided_labels(q, k, scale, *, group, chunk_size, labels=None, **kw):
+    """The same with the labels a strided view (every other element of a wider tensor)."""
+    import torch
+
+    if labels is not None:
+        labels = torch.stack([labels, torch.full_like(labels, -7)], 1)[:, 0]
+        assert labels.numel() < 2 or not labels.is_contiguous()
+    return infcl.inf_loss(q, k, scale, group=group, precision="ieee", labels=labels, **kw)
+
+
+def job_cases_strided(ctx: Ctx, cases: list[Sharded]) -> list[str]:
+    return [check_case(ctx, p, inf_ring_strided_labels) for p in cases]
+
+
 @pytest.fixture(scope="module")
 def pool():
     p = Pool()
@@ -50,3 +64,15 @@ def test_inf_ring_matches_naive(pool, world):
         if (msg := msgs[i])
     ]
     assert not failures, f"{len(failures)} mismatches:\n" + "\n".join(failures[:10])
+
+
+def test_inf_ring_reads_strided_labels(pool):
+    """Labels that are a view with a stride reach the kernels at every ring step as values,
+    not as memory read densely."""
+    cases = [p for p in PINNED if p.world == 2 and p.labels is not None][:2] + [
+        p for p in draw_cases(2, 8) if p.labels is not None][:2]
+    assert cases
+    per_rank = pool.run(job_cases_strided, cases)
+    failures = [f"{p}\n  rank {r}: {msg}" for i, p in enumerate(cases)
+                for r, msgs in enumerate(per_rank) if (msg := msgs[i])]
+    assert not failures, "\n".join(failures[:5])

@@ -71,9 +71,9 @@ class Counts:
 def truncated(url: str) -> str | None:
     """Why a local tar is cut short, or None: a whole tar is a multiple of 512 bytes and ends
     with two zero blocks; a cut at a member boundary loses that ending, a cut inside a member
-    the block size too. (URLs and pipes are not checked.)"""
-    if "://" in url or url.startswith("pipe:") or not os.path.isfile(url):
-        return None
+    the block size too. (URLs, pipes and compressed tars are not checked.)"""
+    if "://" in url or url.startswith("pipe:") or not url.endswith(".tar") or not os.path.isfile(url):
+        return None  # remote, piped or compressed shards are not checked
     size = os.path.getsize(url)
     if size % 512:
         return f"cut short inside a member ({size} bytes, not a multiple of 512)"

@@ -102,6 +102,13 @@ def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) ->
     return {f"top{k}": hit[:, :k].any(1).float().mean().item() for k in ks}
 
 
+def mean_rank(logits: Tensor, labels: Tensor) -> float:
+    """Mean 1-based rank of each row's label among its logits (ties counted in its favour): 1
+    is perfect, (C + 1) / 2 is chance. It keeps telling models apart where top-5 saturates."""
+    true = logits.gather(1, labels[:, None])
+    return ((logits > true).sum(1).float() + 1).mean().item()
+
+
 def retrieval_recall(image_emb: Tensor, text_emb: Tensor, image_to_text: Tensor,
                      ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
     """Recall@k both ways; `image_to_text[i]` is the index of image i's caption in `text_emb`.
@@ -147,7 +154,8 @@ def zero_shot_classifier(model: nn.Module, tokenizer: Callable, classnames: Sequ
 def zero_shot(model: nn.Module, tokenizer: Callable, preprocess: Callable, folder: str | Path,
               device, *, templates: Sequence[str] = DEFAULT_TEMPLATES,
               classnames: Sequence[str] | None = None, batch_size: int = 256) -> dict[str, float]:
-    """Top-1/top-5 zero-shot accuracy on an ImageFolder (`folder/<class>/<image>`)."""
+    """Top-1/top-5 zero-shot accuracy and the true class's mean rank on an ImageFolder
+    (`folder/<class>/<image>`)."""
     from torchvision.datasets import ImageFolder
 
     if not Path(folder).is_dir():
@@ -163,7 +171,9 @@ def zero_shot(model: nn.Module, tokenizer: Callable, preprocess: Callable, folde
         for x, y in loader:
             logits.append(encode_images(model, [x], device) @ classifier)
             labels.append(y.to(device))
-    res = topk_accuracy(torch.cat(logits), torch.cat(labels))
+    logits_all, labels_all = torch.cat(logits), torch.cat(labels)
+    res = topk_accuracy(logits_all, labels_all)
+    res["mean_rank"] = mean_rank(logits_all, labels_all)
     return {f"zeroshot_{k}": v for k, v in res.items()} | {"zeroshot_chance": 1 / len(names)}
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import io
 import math
 import os
 import sys
@@ -186,10 +187,12 @@ class CsvLog:
         self.fields: list[str] | None = None
         kept: list[dict] = []
         if path.exists() and keep_upto > 0:
-            with path.open(newline="") as f:
-                reader = csv.DictReader(f)
-                self.fields = list(reader.fieldnames or []) or None
-                kept = [r for r in reader if int(r["step"]) <= keep_upto]
+            text = path.read_text()
+            if not text.endswith("\n"):  # the last row was torn by a kill mid-write: drop it
+                text = text[: text.rfind("\n") + 1]
+            reader = csv.DictReader(io.StringIO(text, newline=""))
+            self.fields = list(reader.fieldnames or []) or None
+            kept = [r for r in reader if None not in r.values() and int(r["step"]) <= keep_upto]
         tmp = path.with_name(path.name + ".tmp")
         with tmp.open("w", newline="") as f:
             if self.fields:
@@ -199,6 +202,16 @@ class CsvLog:
         os.replace(tmp, path)
 
     def add(self, row: dict) -> None:
+        if self.fields is not None and set(row) - set(self.fields):  # a new column: widen
+            with self.path.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+            self.fields += [k for k in row if k not in self.fields]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with tmp.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=self.fields)
+                w.writeheader()
+                w.writerows(rows)
+            os.replace(tmp, self.path)
         with self.path.open("a", newline="") as f:
             if self.fields is None:
                 self.fields = list(row)
@@ -273,7 +286,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ckpt_dir = out / "checkpoints"
     resume_path = ckpt_dir / "latest.pt" if args.resume == "latest" else args.resume
     if args.resume == "latest" and not resume_path.exists():
-        resume_path = None  # open_clip's idiom: `--resume latest` on a new run starts it
+        # the newest step checkpoint (a kill while `latest.pt` was repointed leaves it), or
+        # none: open_clip's idiom, `--resume latest` on a new run starts it
+        steps = sorted(ckpt_dir.glob("step_*.pt"))
+        resume_path = steps[-1] if steps else None
     ckpt = ev.read_checkpoint(resume_path, args.model) if resume_path else None
 
     torch.manual_seed(args.seed)  # same initial weights on every rank

@@ -119,6 +119,10 @@ def _merge_kernel(row_ptr, col_ptr, row_lse_ptr, col_lse_ptr, pos_ptr, M, N, n_q
     """Program column 0: row LSE [M] and positive logit [M] from the `[3, Q, M]` row partials;
     column 1 (symmetric only): column LSE [N] from the `[2, P, N]` column partials."""
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    # int64 offsets ((2 * n_q + p) * M passes 2**31 beyond 44M rows); `zero + x` also holds for x
+    # that Triton specialised to a constant 1
+    zero = tl.program_id(0).to(tl.int64) * 0
+    M, N, n_q, n_p = zero + M, zero + N, zero + n_q, zero + n_p
     if tl.program_id(1) == 0:
         m = o < M
         _merge(row_ptr, row_ptr + n_q * M, row_lse_ptr, o, m, M, n_q)
@@ -154,7 +158,7 @@ def lse_fwd(
     part = torch.empty(n_row + n_col, dtype=torch.float32, device=q.device)
     row_part, col_part = part[:n_row], part[n_row:] if symmetric else part
     _lse_fwd_kernel[(n_p, n_q)](
-        q, k, scale, labels, row_part, col_part,
+        q, k, scale, labels.contiguous(), row_part, col_part,  # the kernel reads them densely
         m, n, d, col_offset, rows_per, cols_per,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d, SYMMETRIC=symmetric,
