@@ -20,6 +20,7 @@ try:
     import open_clip
     import torchvision  # noqa: F401
     import webdataset  # noqa: F401
+    from open_clip_train import params  # noqa: F401
 except Exception as exn:  # ImportError, or torchvision built for another torch (RuntimeError)
     pytest.skip(f"examples/clip needs open_clip and webdataset: {exn}", allow_module_level=True)
 
@@ -27,6 +28,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "clip"
 sys.path.insert(0, str(EXAMPLE))
 import data  # noqa: E402
 import evaluate as ev  # noqa: E402
+import main as oc_main  # noqa: E402
 import make_data  # noqa: E402
 import train  # noqa: E402
 
@@ -273,6 +275,46 @@ def test_bad_arguments(shapes, tmp_path) -> None:
         train.main(args(shapes, tmp_path, "--steps", "1", "--micro-batch-size", "6"))
     with pytest.raises(FileNotFoundError, match="missing"):
         train.main(args({"train": str(tmp_path / "{0000..0001}.tar")}, tmp_path, "--steps", "1"))
+
+
+OC_FLAGS = ["--model", "ViT-B-32", "--train-data", "a/{0..9}.tar", "--train-num-samples", "1000",
+            "--batch-size", "64", "--accum-freq", "2", "--epochs", "3", "--workers", "8",
+            "--precision", "amp_bf16", "--logs", "L", "--name", "n"]
+
+
+def test_open_clip_train_flags_keep_their_meaning() -> None:
+    """Per-GPU --batch-size times --accum-freq times the ranks is the loss's batch; epochs of
+    --train-num-samples make the steps; the model's own defaults (ViT: beta2 0.98, eps 1e-6)."""
+    got, notes = oc_main.translate(OC_FLAGS, world=2)
+    opts = dict(zip(got[::2], got[1::2], strict=False))
+    assert (opts["--batch-size"], opts["--micro-batch-size"], opts["--steps"]) == ("256", "64", "9")
+    assert opts["--out"] == str(Path("L") / "n") and opts["--precision"] == "bf16"
+    assert (opts["--beta2"], opts["--eps"], opts["--mode"]) == ("0.98", "1e-06", "accumulate")
+    assert any("--workers" in n for n in notes)
+    cached, _ = oc_main.translate([*OC_FLAGS, "--grad-cache"], world=2)
+    assert cached[cached.index("--mode") + 1] == "cache"
+
+
+def test_open_clip_train_flags_not_implemented_are_named() -> None:
+    with pytest.raises(ValueError, match="--lr-scheduler, --report-to"):
+        oc_main.translate([*OC_FLAGS, "--report-to", "tensorboard", "--lr-scheduler", "const"])
+    with pytest.raises(ValueError, match="--precision fp16"):
+        oc_main.translate([*OC_FLAGS, "--precision", "fp16"])
+    with pytest.raises(ValueError, match="makes no step"):
+        oc_main.translate([*OC_FLAGS, "--train-num-samples", "100"], world=2)
+
+
+def test_trains_from_an_open_clip_train_command_line(shapes, tmp_path) -> None:
+    oc_main.main(["--model", MODEL, "--train-data", shapes["train"], "--train-num-samples", "32",
+                  "--batch-size", "8", "--accum-freq", "2", "--epochs", "1", "--precision",
+                  "fp32", "--logs", str(tmp_path), "--name", "run", "--grad-cache", "--device",
+                  "cpu", "--infcl-loss", "chunked", "--warmup", "1", "--lr", "1e-3",
+                  "--val-data", shapes["val"], "--val-frequency", "1", "--grad-clip-norm", "1.0",
+                  "--no-progress"])
+    run = tmp_path / "run"
+    assert sorted(losses(run)) == [1, 2]
+    with (run / "eval.csv").open() as f:
+        assert "image_to_text_R@1" in next(csv.DictReader(f))
 
 
 def test_topk_accuracy_known_case() -> None:

@@ -75,6 +75,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a("--lock-image", action="store_true", help="LiT: freeze the image tower")
     a("--lock-image-from", help="checkpoint whose image tower the locked tower starts from")
     a("--compile", action="store_true", help="torch.compile the encoders")
+    a("--grad-clip-norm", type=float, help="clip the gradients' global norm to this before a step")
+    a("--imagenet-names", action="store_true",
+      help="zero-shot with open_clip's ImageNet class names and OpenAI templates (an ImageNet "
+           "val ImageFolder in --zeroshot-dir)")
     a("--resume", help="checkpoint to continue from, or 'latest' for OUT/checkpoints/latest.pt")
     a("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
     a("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end only)")
@@ -260,8 +264,10 @@ def evaluate(model: nn.Module, tokenizer, preprocess, args, device) -> dict[str,
     model.eval()
     with torch.random.fork_rng(devices=[]):  # evaluating never changes the training's randomness
         if args.zeroshot_dir:
-            res |= ev.zero_shot(model, tokenizer, preprocess, args.zeroshot_dir, device,
-                                templates=args.templates)
+            named = dict(classnames=open_clip.IMAGENET_CLASSNAMES, templates=[
+                t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES]) if args.imagenet_names else {
+                "templates": args.templates}
+            res |= ev.zero_shot(model, tokenizer, preprocess, args.zeroshot_dir, device, **named)
         if args.retrieval_data:
             res |= ev.retrieval(model, tokenizer, preprocess, args.retrieval_data, device)
     model.train(was_training)
@@ -386,6 +392,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 encode_pair, None, images, texts, loss_fn,
                 micro_batch_size=args.micro_batch_size, mode=args.mode, frozen_a=frozen,
                 no_sync=ddp.no_sync, modules=model)
+        if args.grad_clip_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
         opt.step()
         sched.step()
         with torch.no_grad():
