@@ -287,7 +287,8 @@ def test_open_clip_train_flags_keep_their_meaning() -> None:
     --train-num-samples make the steps; the model's own defaults (ViT: beta2 0.98, eps 1e-6)."""
     got, notes = oc_main.translate(OC_FLAGS, world=2)
     opts = dict(zip(got[::2], got[1::2], strict=False))
-    assert (opts["--batch-size"], opts["--micro-batch-size"], opts["--steps"]) == ("256", "64", "9")
+    # open_clip_train's count: ceil(1000 / 128) = 8 batches, up to the 8 workers: 8, / 2 = 4
+    assert (opts["--batch-size"], opts["--micro-batch-size"], opts["--steps"]) == ("256", "64", "12")
     assert opts["--out"] == str(Path("L") / "n") and opts["--precision"] == "bf16"
     assert (opts["--beta2"], opts["--eps"], opts["--mode"]) == ("0.98", "1e-06", "accumulate")
     assert any("--workers" in n for n in notes)
@@ -301,7 +302,23 @@ def test_open_clip_train_flags_not_implemented_are_named() -> None:
     with pytest.raises(ValueError, match="--precision fp16"):
         oc_main.translate([*OC_FLAGS, "--precision", "fp16"])
     with pytest.raises(ValueError, match="makes no step"):
-        oc_main.translate([*OC_FLAGS, "--train-num-samples", "100"], world=2)
+        oc_main.translate([*OC_FLAGS, "--train-num-samples", "100", "--workers", "1"], world=2)
+    with pytest.raises(ValueError, match="--epochs 0"):
+        oc_main.translate([*OC_FLAGS, "--epochs", "0"])
+    with pytest.raises(ValueError, match="--logs none"):
+        oc_main.translate([*OC_FLAGS, "--logs", "none"])
+    with pytest.raises(ValueError, match="--precision pure_bf16"):
+        oc_main.translate([*OC_FLAGS, "--precision", "pure_bf16"])
+
+
+def test_open_clip_train_eval_frequencies() -> None:
+    """Frequency 0 never evaluates; each kind keeps its own cadence (in epochs of 4 steps)."""
+    flags = [*OC_FLAGS, "--imagenet-val", "iv", "--val-data", "v/{0..1}.tar"]
+    got, _ = oc_main.translate([*flags, "--zeroshot-frequency", "0", "--val-frequency", "1"], 2)
+    assert "--zeroshot-dir" not in got and got[got.index("--retrieval-every") + 1] == "4"
+    got, _ = oc_main.translate([*flags, "--zeroshot-frequency", "3", "--val-frequency", "2"], 2)
+    assert got[got.index("--zeroshot-every") + 1] == "12"
+    assert got[got.index("--retrieval-every") + 1] == "8"
 
 
 def test_trains_from_an_open_clip_train_command_line(shapes, tmp_path) -> None:
@@ -315,6 +332,19 @@ def test_trains_from_an_open_clip_train_command_line(shapes, tmp_path) -> None:
     assert sorted(losses(run)) == [1, 2]
     with (run / "eval.csv").open() as f:
         assert "image_to_text_R@1" in next(csv.DictReader(f))
+    with pytest.raises(ValueError, match="a run already exists"):  # as open_clip_train refuses
+        oc_main.main(["--model", MODEL, "--train-data", shapes["train"], "--train-num-samples",
+                      "32", "--batch-size", "8", "--logs", str(tmp_path), "--name", "run",
+                      "--device", "cpu"])
+
+
+def test_bad_eval_data_fails_before_training(shapes, tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        train.main(args(shapes, tmp_path, "--steps", "2", "--zeroshot-dir", str(tmp_path / "x")))
+    with pytest.raises(ValueError, match="ImageNet names need 1000"):
+        train.main(args(shapes, tmp_path, "--steps", "2", "--zeroshot-dir", shapes["folder"],
+                        "--imagenet-names"))
+    assert not (tmp_path / "log.csv").exists()
 
 
 def test_topk_accuracy_known_case() -> None:

@@ -60,6 +60,10 @@ def read_checkpoint(path: str | Path, model_name: str, device: str | torch.devic
     ckpt = torch.load(path, map_location=device, weights_only=True)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a train.py checkpoint (no 'state_dict')")
+    if "epoch" in ckpt and "step" not in ckpt:  # open_clip_train's: `name` is the run's there
+        raise ValueError(
+            f"{path} is an open_clip_train checkpoint (epoch {ckpt['epoch']}), not a train.py "
+            f"one: it holds no data position or RNG state to resume from")
     saved = ckpt.get("name")
     if saved is not None and saved != model_name:
         raise ValueError(

@@ -9,7 +9,7 @@ A command written for `python -m open_clip_train.main` runs with only the progra
 The flags are parsed by open_clip_train's own parser and keep its meanings. `--batch-size` is
 per GPU and per micro-step, and `--accum-freq` micro-steps make one optimizer step, so the loss
 sees `batch_size x accum_freq x world` pairs. `--epochs` times `--train-num-samples` sets the
-number of steps. `--save-frequency`, `--zeroshot-frequency` and `--val-frequency` count in
+number of steps, rounded as open_clip_train rounds them (up, to its loader workers). `--save-frequency`, `--zeroshot-frequency` and `--val-frequency` count in
 epochs. `--imagenet-val` is an ImageNet val ImageFolder, scored zero-shot with open_clip's
 class names and templates. `--val-data` gives retrieval recall on held-out shards. `--logs`
 and `--name` name the run's folder. `--resume latest` continues the run, or starts it.
@@ -24,14 +24,15 @@ The trainer does not implement every flag of open_clip_train. Its outputs are al
 `step_N.pt` checkpoints, and `log.csv` / `eval.csv` in place of open_clip's log files and
 TensorBoard. A flag it does not implement, given a value other than its default, stops the run
 with an error that names the flag: no flag is ignored without a word. Flags that only tune
-open_clip's own loader or logging (`--workers`, `--log-every-n-steps`) are accepted, with a note
-that they change nothing here.
+open_clip's own loader or logging (`--workers`, `--log-every-n-steps`, `--save-most-recent`)
+are accepted, with a note saying what they do here.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -54,14 +55,15 @@ TRANSLATED = {
 }
 """Flags mapped onto train.py's (see `translate`)."""
 NOTED = {
-    "workers": "the example's loader reads in the main process; --workers changes nothing",
+    "workers": "the example's loader reads in the main process; --workers only enters the "
+               "steps per epoch, rounded to the workers as open_clip_train rounds them",
+    "save_most_recent": "checkpoints/latest.pt always points at the newest checkpoint",
     "log_every_n_steps": "log.csv gets a row every step; --log-every-n-steps changes nothing",
     "local_loss": "the loss is the exact loss of the global batch whatever --local-loss says",
     "gather_with_grad": "the loss is exact across ranks without --gather-with-grad",
 }
 """Accepted flags that change nothing in this trainer, and what is printed when one is given."""
-PRECISIONS = {"amp_bf16": "bf16", "amp_bfloat16": "bf16", "pure_bf16": "bf16", "fp32": "fp32",
-              "amp": "bf16"}
+PRECISIONS = {"amp_bf16": "bf16", "amp_bfloat16": "bf16", "fp32": "fp32", "amp": "bf16"}
 """open_clip's --precision values this trainer runs (`amp`, fp16 autocast there, runs as bf16
 autocast here: there is no fp16 loss scaling in this trainer)."""
 
@@ -83,6 +85,15 @@ def run_name(a: argparse.Namespace) -> str:
                      f"j_{a.workers}", f"p_{a.precision}"])
 
 
+def steps_per_epoch(a: argparse.Namespace, world: int) -> int:
+    """Optimizer steps per epoch as open_clip_train counts them for webdataset shards: batches
+    of the global batch rounded up, then up to a multiple of the loader workers, then divided
+    by --accum-freq."""
+    batches = math.ceil(a.train_num_samples / (a.batch_size * world))
+    workers = max(1, a.workers)
+    return math.ceil(batches / workers) * workers // a.accum_freq
+
+
 def translate(argv: Sequence[str], world: int = 1) -> tuple[list[str], list[str]]:
     """(train.py's argv, notes to print) for an open_clip_train command line on `world` ranks.
 
@@ -102,9 +113,19 @@ def translate(argv: Sequence[str], world: int = 1) -> tuple[list[str], list[str]
         problems.append(f"--precision {a.precision} (amp_bf16, amp or fp32)")
     if a.train_data is None or a.train_num_samples is None:
         problems.append("--train-data and --train-num-samples are both required")
+    elif a.train_data.endswith(".csv"):
+        problems.append("a CSV --train-data (webdataset shards only)")
+    if str(a.logs).lower() == "none":
+        problems.append("--logs none (this trainer always writes its logs and checkpoints)")
     if problems:
         raise ValueError("not supported by this trainer: " + ", ".join(problems))
-    per_epoch = a.train_num_samples // (a.batch_size * world) // a.accum_freq
+    small = [f"--{k.replace('_', '-')} {getattr(a, k)}" for k in
+             ("batch_size", "accum_freq", "epochs", "train_num_samples") if getattr(a, k) < 1]
+    small += [f"--{k.replace('_', '-')} {getattr(a, k)}" for k in
+              ("save_frequency", "zeroshot_frequency", "val_frequency") if getattr(a, k) < 0]
+    if small:
+        raise ValueError("out of range: " + ", ".join(small))
+    per_epoch = steps_per_epoch(a, world)
     if per_epoch < 1:
         raise ValueError(f"--train-num-samples {a.train_num_samples} makes no step of "
                          f"{a.batch_size} x {a.accum_freq} micro-batches on {world} ranks")
@@ -125,15 +146,13 @@ def translate(argv: Sequence[str], world: int = 1) -> tuple[list[str], list[str]
         argv_out += [f"--{k}", str(getattr(a, k))]
     if "device" in given:
         argv_out += ["--device", a.device]
-    every = []
-    if a.imagenet_val:
-        argv_out += ["--zeroshot-dir", a.imagenet_val, "--imagenet-names"]
-        every.append(a.zeroshot_frequency)
-    if a.val_data:
-        argv_out += ["--retrieval-data", a.val_data]
-        every.append(a.val_frequency)
-    if every and min(every) > 0:
-        argv_out += ["--eval-every", str(per_epoch * min(every))]
+    # open_clip_train: frequency 0 never evaluates; otherwise every N epochs and at the end
+    if a.imagenet_val and a.zeroshot_frequency:
+        argv_out += ["--zeroshot-dir", a.imagenet_val, "--imagenet-names",
+                     "--zeroshot-every", str(per_epoch * a.zeroshot_frequency)]
+    if a.val_data and a.val_frequency:
+        argv_out += ["--retrieval-data", a.val_data,
+                     "--retrieval-every", str(per_epoch * a.val_frequency)]
     if a.resume:
         argv_out += ["--resume", a.resume]
     if a.grad_clip_norm is not None:
@@ -148,8 +167,16 @@ def translate(argv: Sequence[str], world: int = 1) -> tuple[list[str], list[str]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        params.parse_args(["--help"])  # open_clip_train's own flags; exits
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    argv_out, notes = translate(sys.argv[1:] if argv is None else argv, world)
+    argv_out, notes = translate(argv, world)
+    out = Path(argv_out[argv_out.index("--out") + 1])
+    if "--resume" not in argv_out and (out / "log.csv").exists():
+        raise ValueError(f"a run already exists at {out}: pass --resume latest to continue it, "
+                         f"or --name to start another (as open_clip_train refuses too)")
     if int(os.environ.get("RANK", "0")) == 0:
         for note in notes:
             print(f"note: {note}", file=sys.stderr)

@@ -40,7 +40,7 @@ import infcl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import evaluate as ev  # noqa: E402
-from data import PairLoader  # noqa: E402
+from data import PairLoader, expand_shards  # noqa: E402
 
 LOSSES = {"inf": infcl.inf_loss, "chunked": infcl.ring_loss, "naive": infcl.naive_loss}
 """`chunked` is ring_loss: torch tiles, around the ranks under torchrun, chunked_loss in one process."""
@@ -82,6 +82,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a("--resume", help="checkpoint to continue from, or 'latest' for OUT/checkpoints/latest.pt")
     a("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
     a("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end only)")
+    a("--zeroshot-every", type=int, help="zero-shot every N steps (0: at the end only; default: --eval-every)")
+    a("--retrieval-every", type=int, help="retrieval every N steps (0: at the end only; default: --eval-every)")
     a("--zeroshot-dir", help="ImageFolder for zero-shot evaluation")
     a("--retrieval-data", help="shard pattern for retrieval evaluation")
     a("--templates", nargs="+", default=list(ev.DEFAULT_TEMPLATES))
@@ -258,17 +260,32 @@ def plot(out: Path) -> Path:
     return path
 
 
-def evaluate(model: nn.Module, tokenizer, preprocess, args, device) -> dict[str, float]:
+def check_eval_data(args: argparse.Namespace) -> None:
+    """Fail before training, not after it, on evaluation data that is not there."""
+    if args.zeroshot_dir:
+        folder = Path(args.zeroshot_dir)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--zeroshot-dir {folder}: no such folder")
+        classes = [d for d in folder.iterdir() if d.is_dir()]
+        if args.imagenet_names and len(classes) != len(open_clip.IMAGENET_CLASSNAMES):
+            raise ValueError(f"--zeroshot-dir {folder} has {len(classes)} class folders; ImageNet "
+                             f"names need {len(open_clip.IMAGENET_CLASSNAMES)}")
+    if args.retrieval_data:
+        expand_shards(args.retrieval_data)
+
+
+def evaluate(model: nn.Module, tokenizer, preprocess, args, device, *, zeroshot: bool = True,
+             retrieval: bool = True) -> dict[str, float]:
     res: dict[str, float] = {}
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[]):  # evaluating never changes the training's randomness
-        if args.zeroshot_dir:
+        if args.zeroshot_dir and zeroshot:
             named = dict(classnames=open_clip.IMAGENET_CLASSNAMES, templates=[
                 t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES]) if args.imagenet_names else {
                 "templates": args.templates}
             res |= ev.zero_shot(model, tokenizer, preprocess, args.zeroshot_dir, device, **named)
-        if args.retrieval_data:
+        if args.retrieval_data and retrieval:
             res |= ev.retrieval(model, tokenizer, preprocess, args.retrieval_data, device)
     model.train(was_training)
     return res
@@ -285,6 +302,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"the per-rank batch {local_batch} (--batch-size {args.batch_size} over {world} ranks) "
             f"is not a multiple of --micro-batch-size {args.micro_batch_size}"
         )
+    if args.steps < 1 or args.micro_batch_size < 1 or args.batch_size < 1:
+        raise ValueError("--steps, --batch-size and --micro-batch-size must be at least 1")
+    check_eval_data(args)
     ev.register_configs(*args.model_config)
     if args.model not in open_clip.list_models():
         raise ValueError(f"unknown model {args.model!r}; add its JSON with --model-config")
@@ -377,6 +397,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                mininterval=1 if sys.stderr.isatty() else 15)
     model.train()
     last_eval: dict[str, float] = {}
+    if start >= args.steps and rank == 0:
+        print(f"{resume_path} is at step {start}, --steps is {args.steps}: nothing to train",
+              file=sys.stderr)
+
+    def due(every: int | None, done: int, is_last: bool) -> bool:
+        every = args.eval_every if every is None else every
+        return is_last or bool(every) and done % every == 0
     for step in bar:
         t0 = time.perf_counter()
         images, texts = next(loader)
@@ -414,12 +441,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             log.add(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", scale=f"{row['scale']:.1f}", refresh=False)
         is_last = done == args.steps
-        if rank == 0 and (is_last or (args.eval_every and done % args.eval_every == 0)):
-            if args.zeroshot_dir or args.retrieval_data:
-                last_eval = evaluate(model, tokenizer, preprocess_val, args, device)
-                evals.add({"step": done} | last_eval)
-                bar.write(f"step {done}: " + ", ".join(
-                    f"{k} {v:.3f}" for k, v in last_eval.items() if isinstance(v, float)))
         if is_last or (args.save_every and done % args.save_every == 0):
             rngs = gather_objects(rng_state(), world)
             positions = gather_objects(loader.position, world)
@@ -429,6 +450,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                 step=done, positions=positions, world=world, rngs=rngs,
                                 args=args)
                 link_latest(ckpt_dir, path)
+        kinds = {"zeroshot": due(args.zeroshot_every, done, is_last),
+                 "retrieval": due(args.retrieval_every, done, is_last)}
+        if rank == 0 and (args.zeroshot_dir and kinds["zeroshot"]
+                          or args.retrieval_data and kinds["retrieval"]):
+            last_eval = evaluate(model, tokenizer, preprocess_val, args, device, **kinds)
+            evals.add({"step": done} | last_eval)
+            bar.write(f"step {done}: " + ", ".join(
+                f"{k} {v:.3f}" for k, v in last_eval.items() if isinstance(v, float)))
     bar.close()
     summary: dict[str, Any] = {"out": str(out), "steps": args.steps, "eval": last_eval,
                                "corrupt": loader.counts.corrupt, "read": loader.counts.read,
