@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then the steps named in $STEPS (default: all),
 # each under its own time limit, logs under $OUT. Run on the GPU machine from the repo root:
-#   STEPS="gpu_inf tune bench" bash benchmarks/h200_session.sh
+#   INFCL_COMMIT=<hash> STEPS="gpu_inf tune bench" bash benchmarks/h200_session.sh
+# The device's copy of the tree may carry a stale git HEAD: INFCL_COMMIT names the commit the
+# CSVs record (harness.commit). The wheels: `pip download --no-deps -d .whl beartype jaxtyping
+# wadler-lindig hypothesis sortedcontainers einops` here, carried as ".whl".
 set -uo pipefail
 export PYTHONPATH=$PWD:$PWD/benchmarks
 OUT=${OUT:-/tmp/out}
