@@ -93,6 +93,21 @@ def test_loader_batches_and_position(shapes) -> None:
     assert sorted(keys) == [f"{i:08d}" for i in range(N_TRAIN)]
 
 
+def test_worker_processes_give_the_same_batches(shapes) -> None:
+    """Decoding in 2 processes: the same batches, corrupt counts and position as in one."""
+    _, pre, _ = open_clip.create_model_and_transforms(MODEL)
+    tok = open_clip.get_tokenizer(MODEL)
+    one = data.PairLoader(shapes["train"], 12, pre, tok, shuffle_buffer=8, start=3)
+    two = data.PairLoader(shapes["train"], 12, pre, tok, shuffle_buffer=8, start=3, workers=2)
+    try:
+        for _ in range(7):  # past an epoch of 64
+            a, b = next(one), next(two)
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+            assert one.position == two.position
+    finally:
+        two.close()
+
+
 def test_corrupt_samples_are_skipped_and_counted(shapes, tmp_path) -> None:
     good = data.expand_shards(shapes["val"])[0]
     bad = tmp_path / "0000.tar"
@@ -291,7 +306,7 @@ def test_open_clip_train_flags_keep_their_meaning() -> None:
     assert (opts["--batch-size"], opts["--micro-batch-size"], opts["--steps"]) == ("256", "64", "12")
     assert opts["--out"] == str(Path("L") / "n") and opts["--precision"] == "bf16"
     assert (opts["--beta2"], opts["--eps"], opts["--mode"]) == ("0.98", "1e-06", "accumulate")
-    assert any("--workers" in n for n in notes)
+    assert opts["--workers"] == "8" and not any("--workers" in n for n in notes)
     cached, _ = oc_main.translate([*OC_FLAGS, "--grad-cache"], world=2)
     assert cached[cached.index("--mode") + 1] == "cache"
 

@@ -15,7 +15,9 @@ whole epoch stops with an error instead of reading them forever.
 
 from __future__ import annotations
 
+import collections
 import io
+import multiprocessing
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -156,16 +158,52 @@ def decode(sample: dict[str, Any]) -> tuple[Image.Image, str]:
     return image, caption
 
 
+_WORKER_TRANSFORM: Callable | None = None
+
+
+def _start_worker(transform: Callable) -> None:
+    global _WORKER_TRANSFORM
+    _WORKER_TRANSFORM = transform
+    torch.set_num_threads(1)  # many processes: one thread each
+
+
+def decode_transform(raw: dict[str, Any], transform: Callable, seed: int) -> tuple[bool, Any, str]:
+    """(True, transformed image, caption), or (False, None, why) for an unusable sample. The
+    transform's randomness (crops, flips) is drawn from `seed` and the caller's RNG is left as
+    it was: a sample looks the same in any process and after a resume."""
+    try:
+        image, caption = decode(raw)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return True, transform(image), caption
+    except Exception as exn:  # a bad sample costs one sample, not the run
+        return False, None, f"{raw.get('__url__')}:{raw.get('__key__')}: {exn}"
+
+
+def _decode_chunk(raws: list[tuple[dict[str, Any], int]]) -> list[tuple[bool, Any, str]]:
+    return [decode_transform(raw, _WORKER_TRANSFORM, seed) for raw, seed in raws]
+
+
 class PairLoader:
     """Batches `(images [b, 3, H, W], tokens [b, L])` of one rank; `position` resumes it.
 
     `position` counts raw samples taken from the stream, the skipped ones included, so a loader
     built with `start=loader.position` continues exactly where this one stopped.
+
+    Each sample's random transform is seeded by its index in the stream, so the batches depend
+    on the position alone. With `workers > 0`, decoding and the transform run in that many
+    processes while this one reads the shards in order and keeps a bounded queue of samples in
+    flight (`prefetch` batches): the batches are the same as with `workers=0`, and samples
+    still in flight are not counted in `position` (a resumed loader reads them again).
     """
+
+    CHUNK = 8
+    """Raw samples per worker task."""
 
     def __init__(self, pattern: str | list[str], batch_size: int, transform: Callable,
                  tokenizer: Callable, *, seed: int = 0, rank: int = 0, world: int = 1,
-                 shuffle_buffer: int = 1000, start: int = 0, epochs: int | None = None) -> None:
+                 shuffle_buffer: int = 1000, start: int = 0, epochs: int | None = None,
+                 workers: int = 0, prefetch: int = 2) -> None:
         self.urls = expand_shards(pattern)
         self.stream = ShardStream(self.urls, seed=seed, rank=rank, world=world,
                                   shuffle_buffer=shuffle_buffer, epochs=epochs)
@@ -176,6 +214,57 @@ class PairLoader:
             next(self._it)
         self.stream.counts.read = start
         self._good_epoch = self.stream.epoch  # the last epoch that gave a decodable sample
+        self._pool = None
+        self._index = start  # the stream index of the next raw sample read (its transform seed)
+        self._seed_base = (seed * 1_000_003 + rank) * 1_000_000_007
+        self._pending: collections.deque = collections.deque()  # (epochs, async result) chunks
+        self._ready: collections.deque = collections.deque()  # (epoch, result) of one chunk
+        self._ended = False
+        self._depth = max(1, prefetch * batch_size // self.CHUNK)
+        if workers > 0:
+            ctx = multiprocessing.get_context("fork")
+            self._pool = ctx.Pool(workers, initializer=_start_worker, initargs=(transform,))
+
+    def close(self) -> None:
+        """Stop the worker processes (a no-op without workers)."""
+        if getattr(self, "_pool", None) is not None:
+            self._pool.terminate()
+            self._pool = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    def _read(self) -> tuple[dict[str, Any], int]:
+        """The next raw sample and its transform seed."""
+        raw = next(self._it)
+        self._index += 1
+        return raw, (self._seed_base + self._index) % (1 << 63)
+
+    def _raw_chunk(self) -> list[tuple[dict[str, Any], int]]:
+        chunk = []
+        for _ in range(self.CHUNK):
+            try:
+                chunk.append(self._read())
+            except StopIteration:
+                self._ended = True
+                break
+        return chunk
+
+    def _next_result(self) -> tuple[int, tuple[bool, Any, str]]:
+        """The next raw sample's (epoch it was read in, decode result), in stream order."""
+        if self._pool is None:
+            raw, seed = self._read()  # StopIteration ends a finite stream
+            return self.stream.epoch, decode_transform(raw, self.transform, seed)
+        while not self._ready:
+            while len(self._pending) < self._depth and not self._ended:
+                epoch, chunk = self.stream.epoch, self._raw_chunk()
+                if chunk:
+                    self._pending.append((epoch, self._pool.apply_async(_decode_chunk, (chunk,))))
+            if not self._pending:
+                raise StopIteration
+            epoch, result = self._pending.popleft()
+            self._ready.extend((epoch, r) for r in result.get())
+        return self._ready.popleft()
 
     @property
     def counts(self) -> Counts:
@@ -187,20 +276,18 @@ class PairLoader:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         images, captions = [], []
         while len(images) < self.batch_size:
-            raw = next(self._it)  # StopIteration ends a finite stream
+            epoch, (ok, image, caption) = self._next_result()
             self.position += 1
             self.counts.read += 1
-            try:
-                image, caption = decode(raw)
-            except Exception as exn:  # a bad sample costs one sample, not the run
-                self.counts.note(f"{raw.get('__url__')}:{raw.get('__key__')}: {exn}")
-                if self.stream.epoch > self._good_epoch + 1:  # a whole epoch, nothing usable
+            if not ok:  # a bad sample costs one sample, not the run
+                self.counts.note(caption)
+                if epoch > self._good_epoch + 1:  # a whole epoch, nothing usable
                     raise RuntimeError(
                         f"no sample of rank {self.stream.rank}'s shards decodes ({self.counts.corrupt} "
-                        f"tried; first errors: {self.counts.errors[:3]})") from exn
+                        f"tried; first errors: {self.counts.errors[:3]})")
                 continue
-            self._good_epoch = self.stream.epoch
-            images.append(self.transform(image))
+            self._good_epoch = epoch
+            images.append(image)
             captions.append(caption)
         return torch.stack(images), self.tokenizer(captions)
 

@@ -24,8 +24,9 @@ The trainer does not implement every flag of open_clip_train. Its outputs are al
 `step_N.pt` checkpoints, and `log.csv` / `eval.csv` in place of open_clip's log files and
 TensorBoard. A flag it does not implement, given a value other than its default, stops the run
 with an error that names the flag: no flag is ignored without a word. Flags that only tune
-open_clip's own loader or logging (`--workers`, `--log-every-n-steps`, `--save-most-recent`)
-are accepted, with a note saying what they do here.
+open_clip's own logging (`--log-every-n-steps`, `--save-most-recent`) are accepted, with a
+note saying what they do here. `--workers` decodes images in that many processes, as
+open_clip_train's loader workers do, and enters the step count as there.
 """
 
 from __future__ import annotations
@@ -51,12 +52,10 @@ TRANSLATED = {
     "train_data", "model", "train_num_samples", "batch_size", "accum_freq", "epochs",
     "precision", "logs", "name", "resume", "save_frequency", "zeroshot_frequency",
     "val_frequency", "imagenet_val", "val_data", "lock_image", "grad_clip_norm",
-    "torchcompile", "siglip", "dataset_type",
+    "torchcompile", "siglip", "dataset_type", "workers",
 }
 """Flags mapped onto train.py's (see `translate`)."""
 NOTED = {
-    "workers": "the example's loader reads in the main process; --workers only enters the "
-               "steps per epoch, rounded to the workers as open_clip_train rounds them",
     "save_most_recent": "checkpoints/latest.pt always points at the newest checkpoint",
     "log_every_n_steps": "log.csv gets a row every step; --log-every-n-steps changes nothing",
     "local_loss": "the loss is the exact loss of the global batch whatever --local-loss says",
@@ -155,6 +154,7 @@ def translate(argv: Sequence[str], world: int = 1) -> tuple[list[str], list[str]
                      "--retrieval-every", str(per_epoch * a.val_frequency)]
     if a.resume:
         argv_out += ["--resume", a.resume]
+    argv_out += ["--workers", str(a.workers)]
     if a.grad_clip_norm is not None:
         argv_out += ["--grad-clip-norm", str(a.grad_clip_norm)]
     flags = {"lock_image": "--lock-image", "torchcompile": "--compile", "siglip": "--siglip"}

@@ -88,6 +88,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a("--retrieval-data", help="shard pattern for retrieval evaluation")
     a("--templates", nargs="+", default=list(ev.DEFAULT_TEMPLATES))
     a("--shuffle-buffer", type=int, default=1000)
+    a("--workers", type=int, default=0,
+      help="processes that decode and transform images (0: in this one); the batches are the same")
     a("--seed", type=int, default=0)
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--no-progress", action="store_true")
@@ -387,7 +389,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     loader = PairLoader(args.train_data, local_batch, preprocess_train, tokenizer,
                         seed=args.seed, rank=rank, world=world,
-                        shuffle_buffer=args.shuffle_buffer, start=position)
+                        shuffle_buffer=args.shuffle_buffer, start=position,
+                        workers=args.workers)
     log = evals = None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -459,6 +462,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             bar.write(f"step {done}: " + ", ".join(
                 f"{k} {v:.3f}" for k, v in last_eval.items() if isinstance(v, float)))
     bar.close()
+    loader.close()
     summary: dict[str, Any] = {"out": str(out), "steps": args.steps, "eval": last_eval,
                                "corrupt": loader.counts.corrupt, "read": loader.counts.read,
                                "bad_shards": sorted(loader.counts.bad_shards)}
