@@ -398,3 +398,40 @@ def test_zero_shot_and_retrieval_on_shards(shapes, run_two_steps) -> None:
     classifier = ev.zero_shot_classifier(model, tok, ["red circle", "blue square"], ["a {}."], "cpu")
     assert classifier.shape == (64, 2)
     torch.testing.assert_close(classifier.norm(dim=0), torch.ones(2))
+
+
+def _torchrun(*train_args: str) -> None:
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", str(EXAMPLE / "train.py"), *train_args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_resume_under_two_ranks_with_corrupt_samples_on_one(shapes, tmp_path) -> None:
+    """Two gloo ranks under torchrun, one shard with broken images, so the ranks stand at
+    different places in their streams: resumed from step 1, steps 2 and 3 match exactly."""
+    src = data.expand_shards(shapes["train"])
+    for i, url in enumerate(src):
+        dst = tmp_path / "train" / Path(url).name
+        dst.parent.mkdir(exist_ok=True)
+        with tarfile.open(url) as a, tarfile.open(dst, "w") as b:
+            for j, member in enumerate(a.getmembers()):
+                payload = a.extractfile(member).read()
+                if i == 0 and member.name.endswith(".jpg") and j < 12:
+                    payload = b"broken"  # 6 bad samples in shard 0 only
+                member.size = len(payload)
+                b.addfile(member, io.BytesIO(payload))
+    pattern = str(tmp_path / "train" / "{0000..0003}.tar")
+    common = ["--model", MODEL, "--train-data", pattern, "--batch-size", "16",
+              "--micro-batch-size", "8", "--warmup", "1", "--lr", "1e-3", "--loss", "chunked",
+              "--shuffle-buffer", "8", "--no-progress", "--device", "cpu", "--steps", "3"]
+    _torchrun(*common, "--out", str(tmp_path / "a"), "--save-every", "1")
+    first = losses(tmp_path / "a")
+    ckpt = torch.load(tmp_path / "a" / "checkpoints" / "step_0000001.pt", weights_only=True)
+    positions = ckpt["data"]["positions"]
+    assert len(positions) == 2 and positions[0] != positions[1], positions  # the point
+    _torchrun(*common, "--out", str(tmp_path / "b"),
+              "--resume", str(tmp_path / "a" / "checkpoints" / "step_0000001.pt"))
+    assert losses(tmp_path / "b") == {2: first[2], 3: first[3]}
