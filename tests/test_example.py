@@ -345,6 +345,8 @@ def test_trains_from_an_open_clip_train_command_line(shapes, tmp_path) -> None:
                   "--no-progress"])
     run = tmp_path / "run"
     assert sorted(losses(run)) == [1, 2]
+    names = sorted(p.name for p in (run / "checkpoints").glob("*.pt"))
+    assert names == ["epoch_1.pt", "epoch_latest.pt"], names  # open_clip_train's names
     with (run / "eval.csv").open() as f:
         assert "image_to_text_R@1" in next(csv.DictReader(f))
     with pytest.raises(ValueError, match="a run already exists"):  # as open_clip_train refuses

@@ -20,8 +20,9 @@ accumulation (the loss once per micro-batch). `--infcl-loss inf|chunked|naive` p
 (default `inf`). Whichever of `--local-loss` and `--gather-with-grad` is given, the loss is the
 exact loss of the global batch.
 
-The trainer does not implement every flag of open_clip_train. Its outputs are also its own:
-`step_N.pt` checkpoints, and `log.csv` / `eval.csv` in place of open_clip's log files and
+The trainer does not implement every flag of open_clip_train. Checkpoints keep open_clip's
+names (`checkpoints/epoch_N.pt`, `epoch_latest.pt`; train.py's own content, which open_clip
+loads as weights); the logs are `log.csv` / `eval.csv` in place of open_clip's log files and
 TensorBoard. A flag it does not implement, given a value other than its default, stops the run
 with an error that names the flag: no flag is ignored without a word. Flags that only tune
 open_clip's own logging (`--log-every-n-steps`, `--save-most-recent`) are accepted, with a
@@ -139,7 +140,7 @@ def translate(argv: Sequence[str], world: int = 1) -> tuple[list[str], list[str]
         "--mode", "cache" if ours.grad_cache or a.accum_freq == 1 else "accumulate",
         "--loss", ours.infcl_loss,
         "--precision", PRECISIONS[a.precision],
-        "--save-every", str(per_epoch * a.save_frequency),
+        "--save-every", str(per_epoch * a.save_frequency), "--epoch-steps", str(per_epoch),
     ]
     for k in PASSED:
         argv_out += [f"--{k}", str(getattr(a, k))]

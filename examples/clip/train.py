@@ -80,6 +80,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
       help="zero-shot with open_clip's ImageNet class names and OpenAI templates (an ImageNet "
            "val ImageFolder in --zeroshot-dir)")
     a("--resume", help="checkpoint to continue from, or 'latest' for OUT/checkpoints/latest.pt")
+    a("--epoch-steps", type=int, default=0,
+      help="steps per epoch: checkpoints at epoch ends are named epoch_N.pt and the newest "
+           "epoch_latest.pt, as open_clip_train names them (0: step_N.pt and latest.pt)")
     a("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
     a("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end only)")
     a("--zeroshot-every", type=int, help="zero-shot every N steps (0: at the end only; default: --eval-every)")
@@ -174,13 +177,32 @@ def save_checkpoint(path: Path, *, name: str, model: nn.Module, opt, sched, step
     tmp.replace(path)  # a crash while writing never leaves a half checkpoint behind
 
 
-def link_latest(ckpt_dir: Path, path: Path) -> None:
-    """Point `latest.pt` at `path` atomically: a new link beside it, renamed over it, so that a
-    kill at any moment leaves the old or the new `latest.pt`, never none."""
-    tmp = ckpt_dir / "latest.pt.tmp"
+def link_latest(ckpt_dir: Path, path: Path, latest: str = "latest.pt") -> None:
+    """Point `latest` at `path` atomically: a new link beside it, renamed over it, so that a
+    kill at any moment leaves the old or the new one, never none."""
+    tmp = ckpt_dir / f"{latest}.tmp"
     tmp.unlink(missing_ok=True)
     os.link(path, tmp)
-    os.replace(tmp, ckpt_dir / "latest.pt")
+    os.replace(tmp, ckpt_dir / latest)
+
+
+def checkpoint_name(done: int, epoch_steps: int) -> str:
+    """`epoch_N.pt` at the end of epoch N when epochs are given, else `step_NNNNNNN.pt`."""
+    if epoch_steps and done % epoch_steps == 0:
+        return f"epoch_{done // epoch_steps}.pt"
+    return f"step_{done:07d}.pt"
+
+
+def newest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The checkpoint of the highest step among step_*.pt and epoch_*.pt (their own record)."""
+    found = []
+    for path in [*ckpt_dir.glob("step_*.pt"), *ckpt_dir.glob("epoch_[0-9]*.pt")]:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # no full read
+            found.append((int(ckpt["step"]), path))
+        except Exception:  # a torn or foreign file is not a checkpoint to resume from
+            continue
+    return max(found)[1] if found else None
 
 
 class CsvLog:
@@ -312,12 +334,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"unknown model {args.model!r}; add its JSON with --model-config")
     out: Path = args.out
     ckpt_dir = out / "checkpoints"
-    resume_path = ckpt_dir / "latest.pt" if args.resume == "latest" else args.resume
+    latest = "epoch_latest.pt" if args.epoch_steps else "latest.pt"
+    resume_path = ckpt_dir / latest if args.resume == "latest" else args.resume
     if args.resume == "latest" and not resume_path.exists():
-        # the newest step checkpoint (a kill while `latest.pt` was repointed leaves it), or
+        # the newest checkpoint (a kill while the latest link was repointed leaves it), or
         # none: open_clip's idiom, `--resume latest` on a new run starts it
-        steps = sorted(ckpt_dir.glob("step_*.pt"))
-        resume_path = steps[-1] if steps else None
+        resume_path = newest_checkpoint(ckpt_dir)
     ckpt = ev.read_checkpoint(resume_path, args.model) if resume_path else None
 
     torch.manual_seed(args.seed)  # same initial weights on every rank
@@ -448,11 +470,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             rngs = gather_objects(rng_state(), world)
             positions = gather_objects(loader.position, world)
             if rank == 0:
-                path = ckpt_dir / f"step_{done:07d}.pt"
+                path = ckpt_dir / checkpoint_name(done, args.epoch_steps)
                 save_checkpoint(path, name=args.model, model=model, opt=opt, sched=sched,
                                 step=done, positions=positions, world=world, rngs=rngs,
                                 args=args)
-                link_latest(ckpt_dir, path)
+                link_latest(ckpt_dir, path, latest)
         kinds = {"zeroshot": due(args.zeroshot_every, done, is_last),
                  "retrieval": due(args.retrieval_every, done, is_last)}
         if rank == 0 and (args.zeroshot_dir and kinds["zeroshot"]
@@ -469,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if rank == 0:
         if (out / "log.csv").exists():
             summary["plot"] = str(plot(out))
-        summary["checkpoint"] = str(ckpt_dir / "latest.pt")
+        summary["checkpoint"] = str(ckpt_dir / latest)
         if loader.counts.corrupt:
             print(f"skipped {loader.counts.corrupt} corrupt samples of {loader.counts.read}; "
                   f"first: {loader.counts.errors[:3]}", file=sys.stderr)
