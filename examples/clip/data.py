@@ -80,9 +80,8 @@ def truncated(url: str) -> str | None:
     with open(url, "rb") as f:
         if f.read(2) == b"\x1f\x8b":  # gzip under a .tar name: webdataset reads it; not checked
             return None
-    if size % 512:
-        return f"cut short inside a member ({size} bytes, not a multiple of 512)"
-    with open(url, "rb") as f:
+        if size % 512:
+            return f"cut short inside a member ({size} bytes, not a multiple of 512)"
         f.seek(max(0, size - 1024))
         if size < 1024 or f.read(1024).strip(b"\0"):
             return "cut short at a member boundary (no end-of-archive blocks)"

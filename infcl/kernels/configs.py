@@ -56,6 +56,12 @@ def kernel_precision(dtype: torch.dtype, precision: str) -> str:
     return resolve_precision(precision) if dtype == torch.float32 else "ieee"
 
 
+def rounded_logits(dtype: torch.dtype) -> bool:
+    """The kernels' ROUNDED: fp32 logits rounded alone (`logits.scale_logits`), on a GPU only
+    (the interpreter has no inline assembly, and never fuses)."""
+    return dtype == torch.float32 and not INTERPRET
+
+
 INTERPRET_TILE = Tile(16, 16, 16, 1, 1)
 """Small tiles under the interpreter keep CPU tests fast and make several tiles (and ragged
 edges) appear even at small shapes."""

@@ -33,6 +33,14 @@ def exp_precise(x):
 
 
 @triton.jit
+def exp_of(x, PRECISE: tl.constexpr):
+    """exp(x): `exp_precise` for fp32 (PRECISE), one exp2 otherwise."""
+    if PRECISE:
+        return exp_precise(x)
+    return tl.exp2(x * LOG2E)
+
+
+@triton.jit
 def scale_logits(b_acc, s, ROUNDED: tl.constexpr):
     """`S = b_acc * s`, with ROUNDED (fp32 on a GPU) as a lone `mul.rn`: the compiler cannot fuse
     it into a later `S - lse` FMA in one kernel and not in another, so the forward and the

@@ -65,7 +65,7 @@ def _ds_kernel(
     IS_FP32: tl.constexpr,  # fp32 inputs take PRECISION (see configs.PRECISIONS); others ignore it
     PRECISION: tl.constexpr,
     PRECISE: tl.constexpr,  # fp32 inputs: subtract the LSE in two exact steps (see _softmax)
-    INTERPRET_MODE: tl.constexpr,  # under the interpreter no inline assembly (scale_logits)
+    ROUNDED: tl.constexpr,  # fp32 on a GPU: S rounded on its own (see logits.scale_logits)
 ):
     """Writes `scale * dS` (fp16: `scale * dS / g_max`) in ds's dtype, so that the GEMMs after
     it give dq and dk without another pass; and per-program partial sums of `dS * (q @ k.T)`."""
@@ -88,7 +88,7 @@ def _ds_kernel(
             q_ptr, k_ptr, o_m, o_n, m_m, m_n, D, stride_qm, stride_qd, stride_kn, stride_kd,
             BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION,
         )
-        b_s = scale_logits(b_acc, s, PRECISE and not INTERPRET_MODE)
+        b_s = scale_logits(b_acc, s, ROUNDED)
         b_ds = b_gr[:, None] * _softmax(b_s, b_rh[:, None], b_rl[:, None], PRECISE)
         if SYMMETRIC:
             b_ch, b_cl, b_gc = _stats(c_lse_ptr, g_col_ptr, stride_gc, o_n, m_n)  # [BLOCK_N]
@@ -135,7 +135,7 @@ def ds_bwd(
             SYMMETRIC=symmetric, G_SCALED=g_max is not None,
             UPCAST=INTERPRET and q.dtype in (torch.float16, torch.bfloat16),
             IS_FP32=q.dtype == torch.float32, PRECISION=precision,
-            PRECISE=q.dtype == torch.float32, INTERPRET_MODE=INTERPRET,
+            PRECISE=q.dtype == torch.float32, ROUNDED=configs.rounded_logits(q.dtype),
             num_warps=t.num_warps, num_stages=t.num_stages,
         )
 

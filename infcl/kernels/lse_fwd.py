@@ -19,16 +19,8 @@ from torch import Tensor
 
 from infcl.kernels import configs
 from infcl.kernels.configs import INTERPRET, Tile, fwd_tile, split
-from infcl.kernels.logits import LOG2E, exp_precise, qk_tile, scale_logits
+from infcl.kernels.logits import LOG2E, exp_of, qk_tile, scale_logits
 from infcl.kernels.numerics import LSE_DTYPE, autocast_off
-
-
-@triton.jit
-def _exp(x, PRECISE: tl.constexpr):
-    """exp(x) of a difference `S - max`: exactly rounded inputs for fp32, one exp2 otherwise."""
-    if PRECISE:
-        return exp_precise(x)
-    return tl.exp2(x * LOG2E)
 
 
 @triton.jit
@@ -74,7 +66,7 @@ def _lse_fwd_kernel(
             # fp32: S - max first, exact near the max, so the sum keeps fp32's digits; bf16/fp16
             # lose nothing to a single FMA (its rounding is far below their input rounding)
             b_sum = b_sum * tl.exp2((b_max - b_new) * LOG2E) + tl.sum(
-                _exp(b_s - b_new[:, None], IS_FP32), axis=1)
+                exp_of(b_s - b_new[:, None], IS_FP32), axis=1)
             b_max = b_new
             b_pos += tl.sum(tl.where(o_n[None, :] == b_y[:, None], b_acc, 0.0), axis=1)
             if SYMMETRIC:  # the same tile's columns, into this program's own column partials
@@ -85,7 +77,7 @@ def _lse_fwd_kernel(
                 c_sum = tl.load(p_c + n_p * N, mask=m_old, other=0.0)
                 c_new = tl.maximum(c_max, tl.max(b_sc, axis=0))
                 c_sum = c_sum * tl.exp2((c_max - c_new) * LOG2E) + tl.sum(
-                    _exp(b_sc - c_new[None, :], IS_FP32), axis=0)
+                    exp_of(b_sc - c_new[None, :], IS_FP32), axis=0)
                 tl.store(p_c, c_new, mask=m_n)
                 tl.store(p_c + n_p * N, c_sum, mask=m_n)
         p_r = row_ptr + pid_q * M + o_m
@@ -164,7 +156,7 @@ def lse_fwd(
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d, SYMMETRIC=symmetric,
         UPCAST=INTERPRET and q.dtype in (torch.float16, torch.bfloat16),
         IS_FP32=q.dtype == torch.float32, PRECISION=precision,
-        ROUNDED=q.dtype == torch.float32 and not INTERPRET,
+        ROUNDED=configs.rounded_logits(q.dtype),
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
     row, pos = torch.empty(m, **lse), torch.empty(m, dtype=torch.float32, device=q.device)

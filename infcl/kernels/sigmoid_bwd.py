@@ -17,7 +17,7 @@ from torch import Tensor
 
 from infcl.kernels import configs
 from infcl.kernels.configs import INTERPRET, Tile, bwd_tile
-from infcl.kernels.logits import LOG2E, ds_gemms, exp_precise, fp16_grad_scale, qk_tile
+from infcl.kernels.logits import ds_gemms, exp_of, fp16_grad_scale, qk_tile
 from infcl.kernels.numerics import autocast_off
 
 
@@ -54,10 +54,7 @@ def _sigmoid_ds_kernel(
             BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION,
         )
         b_s = b_acc * s + b
-        if IS_FP32:
-            b_e = exp_precise(-tl.abs(b_s))
-        else:
-            b_e = tl.exp2(-tl.abs(b_s) * LOG2E)
+        b_e = exp_of(-tl.abs(b_s), IS_FP32)
         b_r = 1.0 / (1.0 + b_e)
         b_big, b_small = b_r, b_e * b_r  # sigmoid(|S|), sigmoid(-|S|)
         b_sig = tl.where(b_s >= 0, b_big, b_small)  # sigmoid(S)

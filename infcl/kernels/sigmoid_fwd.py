@@ -17,17 +17,14 @@ from torch import Tensor
 
 from infcl.kernels import configs
 from infcl.kernels.configs import INTERPRET, Tile, fwd_tile, split
-from infcl.kernels.logits import LOG2E, exp_precise, qk_tile
+from infcl.kernels.logits import exp_of, qk_tile
 from infcl.kernels.numerics import autocast_off
 
 
 @triton.jit
 def softplus(x, PRECISE: tl.constexpr):
     """log(1 + exp(x)) for fp32 x of any size, to a few ulps."""
-    if PRECISE:
-        b_e = exp_precise(-tl.abs(x))
-    else:
-        b_e = tl.exp2(-tl.abs(x) * LOG2E)
+    b_e = exp_of(-tl.abs(x), PRECISE)
     b_u = 1.0 + b_e
     b_log1p = tl.where(b_u == 1.0, b_e, tl.log(b_u) * (b_e / (b_u - 1.0)))
     return tl.maximum(x, 0.0) + b_log1p
