@@ -34,7 +34,7 @@ try:
     from infcl.kernels.configs import INTERPRET
     from infcl.kernels.lse_bwd import inf_bwd
     from infcl.kernels.lse_fwd import inf_fwd
-    from infcl.kernels.sigmoid_bwd import inf_sigmoid_bwd
+    from infcl.kernels.sigmoid_bwd import inf_sigmoid_bwd, inf_sigmoid_fused  # noqa: F401
     from infcl.kernels.sigmoid_fwd import inf_sigmoid_fwd
 
     HAS_TRITON = True
@@ -384,6 +384,31 @@ if HAS_TRITON:
     _register_sigmoid_autograd(inf_sigmoid_fwd, inf_sigmoid_bwd)
 
 
+class _FusedSigmoid(torch.autograd.Function):
+    """The "mean"/"sum" sigmoid loss of `infcl::inf_sigmoid_fused`: the gradients are formed
+    with the loss, in one sweep over the tiles instead of two, and the backward scales them by
+    the incoming gradient (exact for the usual 1.0). They are held from the forward to the
+    backward: the memory of the gradients themselves, which the backward would make anyway."""
+
+    @staticmethod
+    def forward(ctx, q, k, s, b, y, mean, precision):
+        total, dq, dk, ds, db = torch.ops.infcl.inf_sigmoid_fused(q, k, s, b, y, mean, precision)
+        ctx.save_for_backward(dq, dk, ds, db)
+        return total / q.shape[0] if mean else total
+
+    @staticmethod
+    def backward(ctx, g):
+        dq, dk, ds, db = ctx.saved_tensors
+        return g.to(dq.dtype) * dq, g.to(dk.dtype) * dk, g * ds, g * db, None, None, None
+
+
+def _fused_sigmoid(block: str, reduction: str, group, *tensors: Tensor) -> bool:
+    """Whether the sigmoid loss takes `_FusedSigmoid`: Triton tiles on one device, a scalar
+    loss, and a gradient wanted (without one the forward alone is a third of the work)."""
+    return (HAS_TRITON and block == "inf" and reduction != "none" and group_size(group) <= 1
+            and torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 def sigmoid_loss(
     q: Tensor, k: Tensor, scale: float | Tensor, bias: float | Tensor, labels: Tensor | None,
     reduction: str, *, block: str, group: dist.ProcessGroup | None = None, chunk_size: int = 0,
@@ -404,6 +429,8 @@ def sigmoid_loss(
             y = torch.arange(q.shape[0], device=q.device)
         else:
             y = targets(labels, k.shape[0], NO_IGNORE)
+        if _fused_sigmoid(block, reduction, group, q, k, s, b):
+            return _FusedSigmoid.apply(q, k, s, b, y, reduction == "mean", precision)
         fwd = getattr(torch.ops.infcl, f"{block}_sigmoid_fwd")
         per = fwd(q, k, s, b, y, 0, chunk_size, precision)
     if reduction == "none":

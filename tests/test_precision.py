@@ -143,6 +143,28 @@ def test_fp32_logits_are_unbiased_cuda(precision, bound):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+@pytest.mark.parametrize(("b", "d", "scale"), [(4099, 384, 14.3), (130, 1030, 100.0)], ids=str)
+def test_fp32_within_twice_ieee_naive_cuda(precision, b, d, scale):
+    """`precision="ieee"` (and the "highest" default, tf32x3) errs at most twice as much as
+    naive with IEEE cuBLAS in every quantity, with no absolute floor: B past and below the
+    tiles, D not a multiple of them, scale up to 100."""
+    from helpers import judge, run
+
+    from infcl.kernels.logits import matmul_precision
+
+    q, k = _features(b, d, 12).cuda(), _features(b, d, 13).cuda()
+    s = torch.tensor(scale, device="cuda")
+    truth = run(infcl.naive_loss, q.double(), k.double(), s.double(), symmetric=True)
+    with matmul_precision("ieee"):
+        ref = run(infcl.naive_loss, q, k, s, symmetric=True)
+    got = run(infcl.inf_loss, q, k, s, symmetric=True, precision=precision)
+    verdict = judge(got, ref, truth, dtype=torch.float32, floor=0.0)
+    assert verdict.ok, "\n".join(verdict.lines)
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("fn", [infcl.inf_loss, infcl.inf_sigmoid_loss], ids=lambda f: f.__name__)
 def test_autocast_computes_in_the_autocast_dtype_cuda(fn):
     """Under CUDA autocast fp32 features take the bf16 Triton path: the numbers of bf16 inputs,

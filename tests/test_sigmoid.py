@@ -288,3 +288,71 @@ def test_triton_matches_naive_cuda(dtype, precision, c):
 
     assert inf._block(torch.empty(1, dtype=dtype, device="cuda")) == "inf"
     check(infcl.inf_sigmoid_loss, c, dtype, "cuda", precision=precision)
+
+
+class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
+    """The infcl ops a call dispatches, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith("infcl."):
+            self.names.append(str(func).split(".")[1])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.interpret
+@pytest.mark.skipif(not INTERPRET, reason="set TRITON_INTERPRET=1 (make test does)")
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_sigmoid_pass_interpreted(small_blocks, reduction):
+    """With a gradient wanted, "mean" and "sum" take the loss and the gradients from one sweep
+    (`inf_sigmoid_fused`); without one, the forward alone; either way the same loss. The
+    backward scales by any incoming gradient, also twice over a retained graph."""
+    c = Case(m=37, n=37, d=33, scale=20.0, bias=-5.0, seed=11, reduction=reduction)
+    q, k = (x.float() for x in c.inputs())
+    s, b = torch.tensor(c.scale), torch.tensor(c.bias)
+    with torch.no_grad(), _OpNames() as log:
+        plain = infcl.inf_sigmoid_loss(q, k, s, b, reduction=reduction)
+    assert "inf_sigmoid_fwd" in log.names and "inf_sigmoid_fused" not in log.names
+    leaves = [x.clone().requires_grad_() for x in (q, k, s, b)]
+    with _OpNames() as log:
+        loss = infcl.inf_sigmoid_loss(*leaves, reduction=reduction)
+    assert "inf_sigmoid_fused" in log.names and "inf_sigmoid_fwd" not in log.names
+    torch.testing.assert_close(loss.detach(), plain, rtol=1e-6, atol=0)
+    once = torch.autograd.grad(loss, leaves, retain_graph=True)
+    (2.5 * loss).backward(retain_graph=True)
+    loss.backward()
+    for g1, leaf in zip(once, leaves, strict=True):
+        torch.testing.assert_close(leaf.grad, 3.5 * g1, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.interpret
+@pytest.mark.skipif(not INTERPRET, reason="set TRITON_INTERPRET=1 (make test does)")
+def test_fused_sigmoid_compiles_fullgraph_interpreted(small_blocks):
+    """The fused pass under `torch.compile(fullgraph=True)`: the eager numbers, forward and
+    backward, and a second batch size marked dynamic compiles nothing new."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def step(q, k, s, b):
+        return infcl.inf_sigmoid_loss(q, k, s.exp(), b)
+
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    for m in (19, 29):
+        q, k = (x.float() for x in Case(m=m, n=m, d=9, seed=m).inputs())
+        results = []
+        for f in (step, compiled):
+            args = [q.clone().requires_grad_(), k.clone().requires_grad_(),
+                    torch.tensor(2.3, requires_grad=True), torch.tensor(-5.0, requires_grad=True)]
+            torch._dynamo.mark_dynamic(args[0], 0)
+            torch._dynamo.mark_dynamic(args[1], 0)
+            loss = f(*args)
+            loss.backward()
+            results.append([loss.detach()] + [a.grad for a in args])
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(a, b)
+    assert counter.frame_count == 1

@@ -24,7 +24,7 @@ from infcl.kernels.numerics import autocast_off
 @triton.jit
 def _sigmoid_ds_kernel(
     q_ptr, k_ptr, scale_ptr, bias_ptr, inv_g_ptr, y_ptr, g_row_ptr,
-    ds_ptr, dscale_ptr, dbias_ptr,
+    ds_ptr, dscale_ptr, dbias_ptr, loss_ptr,
     M, N, D, col_offset, cols_per_part,
     stride_qm, stride_qd, stride_kn, stride_kd, stride_dsm, stride_g,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -32,6 +32,7 @@ def _sigmoid_ds_kernel(
     UPCAST: tl.constexpr,  # the interpreter computes low-precision dots wrongly: go through fp32
     IS_FP32: tl.constexpr,  # fp32 inputs take PRECISION (see configs.PRECISIONS); others ignore it
     PRECISION: tl.constexpr,
+    WITH_LOSS: tl.constexpr,  # also the partial sums of the loss itself (the fused forward)
 ):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1).to(tl.int64)
@@ -46,6 +47,7 @@ def _sigmoid_ds_kernel(
     b_y = tl.load(y_ptr + o_m, mask=m_m, other=-1) - col_offset
     b_dscale = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_dbias = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_loss = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in range(col_lo, col_hi, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = o_n < col_hi
@@ -55,12 +57,18 @@ def _sigmoid_ds_kernel(
         )
         b_s = b_acc * s + b
         b_e = exp_of(-tl.abs(b_s), IS_FP32)
-        b_r = 1.0 / (1.0 + b_e)
+        b_u = 1.0 + b_e
+        b_r = 1.0 / b_u
         b_big, b_small = b_r, b_e * b_r  # sigmoid(|S|), sigmoid(-|S|)
         b_sig = tl.where(b_s >= 0, b_big, b_small)  # sigmoid(S)
         b_sig_neg = tl.where(b_s >= 0, b_small, b_big)  # sigmoid(-S)
-        b_ds = tl.where(o_n[None, :] == b_y[:, None], -b_sig_neg, b_sig) * b_g[:, None]
+        b_hit = o_n[None, :] == b_y[:, None]
+        b_ds = tl.where(b_hit, -b_sig_neg, b_sig) * b_g[:, None]
         b_ds = tl.where(m_m[:, None] & m_n[None, :], b_ds, 0.0)  # [BLOCK_M, BLOCK_N]
+        if WITH_LOSS:  # softplus(-z S) = max(-z S, 0) + log1p(e), the forward kernel's terms
+            b_log1p = tl.where(b_u == 1.0, b_e, tl.log(b_u) * (b_e / (b_u - 1.0)))
+            b_l = tl.maximum(tl.where(b_hit, -b_s, b_s), 0.0) + b_log1p
+            b_loss += tl.sum(tl.where(m_m[:, None] & m_n[None, :], b_l, 0.0), axis=1)
         b_dscale += tl.sum(b_ds * b_acc, axis=1)
         b_dbias += tl.sum(b_ds, axis=1)
         p_ds = ds_ptr + o_m[:, None] * stride_dsm + o_n[None, :]
@@ -68,18 +76,22 @@ def _sigmoid_ds_kernel(
     o_part = pid_m * tl.num_programs(1) + pid_c
     tl.store(dscale_ptr + o_part, tl.sum(b_dscale))
     tl.store(dbias_ptr + o_part, tl.sum(b_dbias))
+    if WITH_LOSS:
+        tl.store(loss_ptr + o_part, tl.sum(b_loss))
 
 
 def sigmoid_ds_bwd(
     q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, col_offset: int,
-    g_row: Tensor, precision: str, tile: Tile | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """dq, dk, dscale, dbias of `sum(g_row * per_row)` for one block."""
+    g_row: Tensor, precision: str, tile: Tile | None = None, with_loss: bool = False,
+) -> tuple[Tensor, ...]:
+    """dq, dk, dscale, dbias of `sum(g_row * per_row)` for one block; with `with_loss`, also
+    the fp32 sum of the rows' losses (unweighted), from the same tiles."""
     precision = configs.kernel_precision(q.dtype, precision)
     m, n, d = q.shape[0], k.shape[0], q.shape[1]
     if m == 0 or n == 0:
-        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(scale),
-                torch.zeros_like(bias))
+        zeros = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(scale),
+                 torch.zeros_like(bias))
+        return (*zeros, torch.zeros((), dtype=torch.float32, device=q.device))[: 4 + with_loss]
     g_max = fp16_grad_scale(q, g_row)
     y = labels.contiguous()
     t = tile or bwd_tile(q.dtype)
@@ -87,17 +99,18 @@ def sigmoid_ds_bwd(
     def launch(rows, cols, ds, sums, grid, cols_per):
         _sigmoid_ds_kernel[grid](
             q[rows], k[cols], scale, bias, scale if g_max is None else 1.0 / g_max, y[rows],
-            g_row[rows], ds, sums[0], sums[1],
+            g_row[rows], ds, sums[0], sums[1], sums[-1],
             ds.shape[0], ds.shape[1], d, col_offset + cols.start, cols_per,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), ds.stride(0), g_row.stride(0),
             BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d, G_SCALED=g_max is not None,
             UPCAST=INTERPRET and q.dtype in (torch.float16, torch.bfloat16),
-            IS_FP32=q.dtype == torch.float32, PRECISION=precision,
+            IS_FP32=q.dtype == torch.float32, PRECISION=precision, WITH_LOSS=with_loss,
             num_warps=t.num_warps, num_stages=t.num_stages,
         )
 
-    dq, dk, sums = ds_gemms(q, k, g_max, t, 2, precision, launch)
-    return dq, dk, sums[0].to(scale.dtype), sums[1].to(bias.dtype, copy=True)  # no aliasing
+    dq, dk, sums = ds_gemms(q, k, g_max, t, 2 + with_loss, precision, launch)
+    out = (dq, dk, sums[0].to(scale.dtype), sums[1].to(bias.dtype, copy=True))  # no aliasing
+    return (*out, sums[2].clone()) if with_loss else out
 
 
 @torch.library.custom_op("infcl::inf_sigmoid_bwd", mutates_args=())
@@ -113,3 +126,27 @@ def inf_sigmoid_bwd(
 @inf_sigmoid_bwd.register_fake
 def inf_sigmoid_bwd_fake(q, k, scale, bias, labels, col_offset, g_row, chunk_size, precision):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(scale), torch.empty_like(bias)
+
+
+@torch.library.custom_op("infcl::inf_sigmoid_fused", mutates_args=())
+@autocast_off
+def inf_sigmoid_fused(
+    q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, mean: bool,
+    precision: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The forward and backward of the "mean" (or "sum") sigmoid loss in one sweep over the
+    tiles (a scalar upstream gradient needs no statistics): (the rows' loss sum [] fp32; dq,
+    dk, dscale, dbias of the mean, or of the sum). The backward then only scales these by its
+    incoming gradient (`ops.sigmoid_loss`)."""
+    weight = 1.0 / max(q.shape[0], 1) if mean else 1.0
+    g_row = torch.full((1,), weight, dtype=torch.float32, device=q.device).expand(q.shape[0])
+    dq, dk, dscale, dbias, total = sigmoid_ds_bwd(
+        q, k, scale, bias, labels, 0, g_row, precision, with_loss=True
+    )
+    return total, dq, dk, dscale, dbias
+
+
+@inf_sigmoid_fused.register_fake
+def inf_sigmoid_fused_fake(q, k, scale, bias, labels, mean, precision):
+    return (q.new_empty((), dtype=torch.float32), torch.empty_like(q), torch.empty_like(k),
+            torch.empty_like(scale), torch.empty_like(bias))
