@@ -6,7 +6,7 @@
 # CSVs record (harness.commit). The wheels: `pip download --no-deps -d .whl beartype jaxtyping
 # wadler-lindig hypothesis sortedcontainers einops` here, carried as ".whl".
 set -uo pipefail
-export PYTHONPATH=$PWD:$PWD/benchmarks
+export PYTHONPATH=$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install --no-deps --no-index -q .whl/*.whl 2>&1 | tail -2
@@ -31,6 +31,8 @@ for step in $STEPS; do
              --sizes ${SIZES:-1024 2048 4096 8192 16384 65536} --dtypes ${DTYPES:-bfloat16} \
              --methods ${METHODS:-infcl_inf infcl_inf_1dir naive_loss naive_compiled} \
              > "$OUT/$step.txt" 2>&1; sed -n '/^wrote/,$p' "$OUT/$step.txt" ;;
+    train) timeout ${TRAIN_S:-300} python3 benchmarks/bench_train.py --out "$OUT" \
+             > "$OUT/train.txt" 2>&1; sed -n '/^wrote/,$p' "$OUT/train.txt"; tail -3 "$OUT/train.txt" ;;
     profile) for b in 2048 8192; do timeout 60 python3 benchmarks/profile_small.py --b $b \
                > "$OUT/profile_$b.txt" 2>&1; grep "^B=" "$OUT/profile_$b.txt"; done ;;
     *) echo "unknown step $step" ;;

@@ -403,11 +403,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise ValueError("--loss naive materialises one device's logits; across ranks use inf or chunked")
     ring = {"group": dist.group.WORLD} if world > 1 else {}  # the global batch's loss
 
-    def loss_fn(img, txt):
+    def loss_fn(img, txt):  # under autocast, as open_clip's trainer: bf16 products, fp32 loss
         scale = ev.unwrap(model).logit_scale.exp()
-        if args.siglip:
-            return loss_impl(img, txt.to(img.dtype), scale, ev.unwrap(model).logit_bias, **ring)
-        return loss_impl(img, txt.to(img.dtype), scale, symmetric=True, **ring)
+        with autocast():
+            if args.siglip:
+                return loss_impl(img, txt.to(img.dtype), scale, ev.unwrap(model).logit_bias, **ring)
+            return loss_impl(img, txt.to(img.dtype), scale, symmetric=True, **ring)
 
     loader = PairLoader(args.train_data, local_batch, preprocess_train, tokenizer,
                         seed=args.seed, rank=rank, world=world,

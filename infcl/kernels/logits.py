@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra import libdevice
 
 from infcl.kernels import configs
 
@@ -32,10 +33,20 @@ def exp_precise(x):
     return tl.exp2(y) * (1.0 + r * LN2)
 
 
+_LIBDEVICE = tl.constexpr(not configs.INTERPRET)
+"""libdevice's `exp` (CUDA's accurate expf, as torch's own kernels use) exists on a GPU; the
+interpreter has no libdevice, and its exp2 is numpy's, accurate already."""
+
+
 @triton.jit
 def exp_of(x, PRECISE: tl.constexpr):
-    """exp(x): `exp_precise` for fp32 (PRECISE), one exp2 otherwise."""
+    """exp(x). PRECISE (fp32 inputs): CUDA's accurate expf on a GPU, `exp_precise` in the
+    interpreter; otherwise one `exp2` (MUFU, about 2 ulps: far below bf16 and fp16's own
+    rounding). On an H200 `exp_precise` left dq and dk at 3.3x the error of IEEE naive
+    (B=130, D=1030, scale 100): its exp2 errs by about 2 ulps where expf errs by under one."""
     if PRECISE:
+        if _LIBDEVICE:
+            return libdevice.exp(x)
         return exp_precise(x)
     return tl.exp2(x * LOG2E)
 
@@ -65,22 +76,6 @@ def _round_tf32(x):
 
 
 @triton.jit
-def _dot_tf32x3(a, b, acc):
-    """`acc + a @ b` from three TF32 products, `a_hi b_hi + (a_hi b_lo + a_lo b_hi)`, whose
-    halves are both rounded to nearest (`_round_tf32`): `hi + lo` then carries 22 of fp32's 24
-    bits with an unbiased error, and the dropped `a_lo b_lo` is unbiased too. The small terms
-    are summed first. (Triton's own "tf32x3" splits by truncation, which shrinks every product
-    and biases dscale by ~50x naive's error.)"""
-    a_hi = _round_tf32(a)
-    b_hi = _round_tf32(b)
-    a_lo = _round_tf32(a - a_hi)
-    b_lo = _round_tf32(b - b_hi)
-    small = tl.dot(a_hi, b_lo, input_precision="tf32")
-    small = tl.dot(a_lo, b_hi, small, input_precision="tf32")
-    return tl.dot(a_hi, b_hi, acc + small, input_precision="tf32")
-
-
-@triton.jit
 def qk_tile(
     q_ptr, k_ptr, o_m, o_n, m_m, m_n, D, stride_qm, stride_qd, stride_kn, stride_kd,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -90,10 +85,7 @@ def qk_tile(
 ):
     """`q[o_m] @ k[o_n].T` unscaled, fp32 `[BLOCK_M, BLOCK_N]`; masked rows and columns are 0.
     Both stages call it, so the backward recomputes the forward's logits the same way. With
-    PRECISION "tf32" the fp32 inputs are rounded to TF32 first (see `_round_tf32`). With "ieee"
-    the FMA loop sums each BLOCK_D chunk into a fresh accumulator and adds the chunks: a sum of
-    D sequential FMAs errs by up to D·eps, the two levels by about (BLOCK_D + D / BLOCK_D)·eps,
-    closer to what cuBLAS's blocked and split-K sums give."""
+    PRECISION "tf32" the fp32 inputs are rounded to TF32 first (see `_round_tf32`)."""
     b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for start_d in range(0, D, BLOCK_D):
         o_d = start_d + tl.arange(0, BLOCK_D)
@@ -106,10 +98,6 @@ def qk_tile(
             b_acc = tl.dot(b_q.to(tl.float32), b_k.to(tl.float32), b_acc, input_precision="ieee")
         elif IS_FP32 and PRECISION == "tf32":
             b_acc = tl.dot(_round_tf32(b_q), _round_tf32(b_k), b_acc, input_precision="tf32")
-        elif IS_FP32 and PRECISION == "ieee":  # FMA: a fresh sum per chunk, then one add
-            b_acc += tl.dot(b_q, b_k, input_precision="ieee")
-        elif IS_FP32 and PRECISION == "tf32x3":
-            b_acc = _dot_tf32x3(b_q, b_k, b_acc)
         elif IS_FP32:
             b_acc = tl.dot(b_q, b_k, b_acc, input_precision=PRECISION)
         else:
