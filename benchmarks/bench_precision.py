@@ -22,8 +22,10 @@ import torch
 import infcl
 from infcl.kernels.logits import matmul_precision
 
-SHAPES = [(4099, 384, 14.3), (130, 1030, 100.0), (8192, 512, 30.0), (1000, 1000, 50.0)]
-"""(B, D, scale): D not a multiple of the tiles, B past and below them, scale up to 100."""
+SHAPES = [(4099, 384, 14.3), (130, 1030, 100.0), (8192, 512, 30.0), (1000, 1000, 50.0),
+          (130, 1030, 10.0), (130, 1030, 1.0), (130, 512, 100.0), (1000, 1030, 100.0)]
+"""(B, D, scale): D not a multiple of the tiles, B past and below them, scale up to 100; the
+last four locate the ieee dq miss at B=130, D=1030, scale 100 (by scale, D and B)."""
 METRICS = ("loss", "dq", "dk", "dscale")
 
 

@@ -19,7 +19,7 @@ for step in $STEPS; do
     gpu_inf) timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_inf.py -m gpu \
                > "$OUT/gpu_inf.txt" 2>&1; tail -4 "$OUT/gpu_inf.txt" ;;
     gpu_all) timeout ${GPU_ALL_S:-420} python3 -m pytest -q -p no:cacheprovider tests -m gpu \
-               ${PYTEST_N:+-n $PYTEST_N} > "$OUT/gpu_all.txt" 2>&1; tail -15 "$OUT/gpu_all.txt" ;;
+               ${PYTEST_N:+-n $PYTEST_N} ${PYTEST_ARGS:-} > "$OUT/gpu_all.txt" 2>&1; tail -15 "$OUT/gpu_all.txt" ;;
     precision) timeout ${PRECISION_S:-150} python3 benchmarks/bench_precision.py --out "$OUT" \
                  > "$OUT/precision.txt" 2>&1; sed -n '/^wrote/,$p' "$OUT/precision.txt" ;;
     tune) timeout ${TUNE_S:-150} python3 benchmarks/tune_tiles.py --dtypes bfloat16 \
@@ -31,7 +31,7 @@ for step in $STEPS; do
              --sizes ${SIZES:-1024 2048 4096 8192 16384 65536} --dtypes ${DTYPES:-bfloat16} \
              --methods ${METHODS:-infcl_inf infcl_inf_1dir naive_loss naive_compiled} \
              > "$OUT/$step.txt" 2>&1; sed -n '/^wrote/,$p' "$OUT/$step.txt" ;;
-    train) timeout ${TRAIN_S:-300} python3 benchmarks/bench_train.py --out "$OUT" \
+    train) timeout ${TRAIN_S:-300} python3 benchmarks/bench_train.py --out "$OUT" ${TRAIN_ARGS:-} \
              > "$OUT/train.txt" 2>&1; sed -n '/^wrote/,$p' "$OUT/train.txt"; tail -3 "$OUT/train.txt" ;;
     profile) for b in 2048 8192; do timeout 60 python3 benchmarks/profile_small.py --b $b \
                > "$OUT/profile_$b.txt" 2>&1; grep "^B=" "$OUT/profile_$b.txt"; done ;;

@@ -11,7 +11,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.language.extra import libdevice
 
 from infcl.kernels import configs
 
@@ -33,20 +32,11 @@ def exp_precise(x):
     return tl.exp2(y) * (1.0 + r * LN2)
 
 
-_LIBDEVICE = tl.constexpr(not configs.INTERPRET)
-"""libdevice's `exp` (CUDA's accurate expf, as torch's own kernels use) exists on a GPU; the
-interpreter has no libdevice, and its exp2 is numpy's, accurate already."""
-
-
 @triton.jit
 def exp_of(x, PRECISE: tl.constexpr):
-    """exp(x). PRECISE (fp32 inputs): CUDA's accurate expf on a GPU, `exp_precise` in the
-    interpreter; otherwise one `exp2` (MUFU, about 2 ulps: far below bf16 and fp16's own
-    rounding). On an H200 `exp_precise` left dq and dk at 3.3x the error of IEEE naive
-    (B=130, D=1030, scale 100): its exp2 errs by about 2 ulps where expf errs by under one."""
+    """exp(x): `exp_precise` for fp32 (PRECISE), one exp2 otherwise. (libdevice's expf in its
+    place left dq at B=130, D=1030, scale 100 where it was on an H200: 3.3x IEEE naive's.)"""
     if PRECISE:
-        if _LIBDEVICE:
-            return libdevice.exp(x)
         return exp_precise(x)
     return tl.exp2(x * LOG2E)
 
@@ -85,7 +75,10 @@ def qk_tile(
 ):
     """`q[o_m] @ k[o_n].T` unscaled, fp32 `[BLOCK_M, BLOCK_N]`; masked rows and columns are 0.
     Both stages call it, so the backward recomputes the forward's logits the same way. With
-    PRECISION "tf32" the fp32 inputs are rounded to TF32 first (see `_round_tf32`)."""
+    PRECISION "tf32" the fp32 inputs are rounded to TF32 first (see `_round_tf32`). With "ieee"
+    each BLOCK_D chunk's FMAs start from zero and the chunks are added, a two-level sum instead
+    of one chain of D FMAs (on an H200, with it: dscale at B=1000, D=1000, scale 50 had 1.0x the
+    error of IEEE naive; without it, and with libdevice's exp, 7.5x)."""
     b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for start_d in range(0, D, BLOCK_D):
         o_d = start_d + tl.arange(0, BLOCK_D)
@@ -98,6 +91,8 @@ def qk_tile(
             b_acc = tl.dot(b_q.to(tl.float32), b_k.to(tl.float32), b_acc, input_precision="ieee")
         elif IS_FP32 and PRECISION == "tf32":
             b_acc = tl.dot(_round_tf32(b_q), _round_tf32(b_k), b_acc, input_precision="tf32")
+        elif IS_FP32 and PRECISION == "ieee":  # FMA: a fresh sum per chunk, then one add
+            b_acc += tl.dot(b_q, b_k, input_precision="ieee")
         elif IS_FP32:
             b_acc = tl.dot(b_q, b_k, b_acc, input_precision=PRECISION)
         else:

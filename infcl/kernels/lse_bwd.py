@@ -22,7 +22,7 @@ from infcl.kernels.configs import INTERPRET, Tile, bwd_tile
 from infcl.kernels.logits import (
     LOG2E,
     ds_gemms,
-    exp_of,
+    exp_precise,
     fp16_grad_scale,
     qk_tile,
     scale_logits,
@@ -35,7 +35,7 @@ def _softmax(b_s, b_hi, b_lo, PRECISE: tl.constexpr):
     """exp(S - lse) with lse = hi + lo. `S - hi` is exact where S is near the LSE, which keeps
     fp32's digits in the probabilities that matter; bf16 and fp16 take one FMA instead."""
     if PRECISE:
-        return exp_of((b_s - b_hi) - b_lo, True)
+        return exp_precise((b_s - b_hi) - b_lo)
     return tl.exp2(b_s * LOG2E - (b_hi + b_lo) * LOG2E)
 
 
