@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from webdataset.shardlists import expand_urls
@@ -180,7 +181,19 @@ def decode_transform(raw: dict[str, Any], transform: Callable, seed: int) -> tup
 
 
 def _decode_chunk(raws: list[tuple[dict[str, Any], int]]) -> list[tuple[bool, Any, str]]:
-    return [decode_transform(raw, _WORKER_TRANSFORM, seed) for raw, seed in raws]
+    """A worker's results, images as numpy arrays: pickled by value. (Tensors would travel as
+    shared-memory file descriptors, one each: at a batch of 16384 with 16 workers the parent
+    ran out of them, "received 0 items of ancdata".)"""
+    out = []
+    for raw, seed in raws:
+        ok, image, caption = decode_transform(raw, _WORKER_TRANSFORM, seed)
+        out.append((ok, image.numpy() if isinstance(image, torch.Tensor) else image, caption))
+    return out
+
+
+def _from_worker(result: tuple[bool, Any, str]) -> tuple[bool, Any, str]:
+    ok, image, caption = result
+    return ok, torch.from_numpy(image) if isinstance(image, np.ndarray) else image, caption
 
 
 class PairLoader:
@@ -262,7 +275,7 @@ class PairLoader:
             if not self._pending:
                 raise StopIteration
             epoch, result = self._pending.popleft()
-            self._ready.extend((epoch, r) for r in result.get())
+            self._ready.extend((epoch, _from_worker(r)) for r in result.get())
         return self._ready.popleft()
 
     @property
