@@ -176,9 +176,9 @@ def main() -> None:
                         plain_step(model, opt, loss_mod, images, tokens)
                     sec = steady(lambda m=loss_mod, x=images, t=tokens: plain_step(model, opt, m, x, t),
                                  args.steps, dev)
-                    rec(f"plain, {name}", "samples_per_s", b, b / sec)
-                    rec(f"plain, {name}", "step_s", b, sec)
-                    rec(f"plain, {name}", "peak_gib", b, peak[0])
+                    rec(f"plain / {name}", "samples_per_s", b, b / sec)
+                    rec(f"plain / {name}", "step_s", b, sec)
+                    rec(f"plain / {name}", "peak_gib", b, peak[0])
                     per_sample.setdefault("plain", sec / b)
                 break
             except torch.OutOfMemoryError:
@@ -229,10 +229,10 @@ def main() -> None:
         cache_step(model, opt, images, tokens, args.micro, encoders=encoders)
         comp = steady(lambda: cache_step(model, opt, images, tokens, args.micro,
                                          encoders=encoders), args.steps, dev)
-        rec("grad cache, eager encoders", "step_s", b, eager)
-        rec("grad cache, compiled encoders", "step_s", b, comp)
-        rec("grad cache, compiled encoders", "compile_s", b, first - comp)
-        rec("grad cache, compiled encoders", "compiled_vs_eager", b, comp / eager)
+        rec("grad cache / eager encoders", "step_s", b, eager)
+        rec("grad cache / compiled encoders", "step_s", b, comp)
+        rec("grad cache / compiled encoders", "compile_s", b, first - comp)
+        rec("grad cache / compiled encoders", "compiled_vs_eager", b, comp / eager)
         del images, tokens
         harness.free_memory(dev)
 
@@ -251,7 +251,7 @@ def main() -> None:
                 next(loader)  # workers started, first batch
                 t = time.perf_counter()
                 batches = [next(loader) for _ in range(args.steps)]
-                rec(f"loader, {args.workers} workers", "samples_per_s", b,
+                rec(f"loader / {args.workers} workers", "samples_per_s", b,
                     args.steps * b / (time.perf_counter() - t))
                 del batches
                 harness.sync(dev)

@@ -37,6 +37,7 @@ LABELS = {
     "infcl_inf_graphed": "infcl inf_loss under torch.compile(mode='reduce-overhead') (symmetric)",
     "naive_graphed": "naive_loss under torch.compile(mode='reduce-overhead') (symmetric)",
     "infcl_sigmoid": "infcl inf_sigmoid_loss (SigLIP)",
+    "infcl_sigmoid_2pass": "infcl inf_sigmoid_loss, two passes: reduction='none' (SigLIP)",
     "sigmoid_compiled": "torch.compile(naive_sigmoid_loss) (SigLIP)",
     "open_clip_siglip": "open_clip SigLipLoss, one GPU (SigLIP)",
     "open_clip": "open_clip ClipLoss (symmetric)",
