@@ -437,3 +437,50 @@ def test_resume_under_two_ranks_with_corrupt_samples_on_one(shapes, tmp_path) ->
     _torchrun(*common, "--out", str(tmp_path / "b"),
               "--resume", str(tmp_path / "a" / "checkpoints" / "step_0000001.pt"))
     assert losses(tmp_path / "b") == {2: first[2], 3: first[3]}
+
+
+LAUNCHER = """
+import sys
+import open_clip
+import open_clip.factory
+import infcl
+
+open_clip.add_model_config(sys.argv[1])
+calls = []
+class Counted:
+    def __init__(self, base):
+        self.base = base
+    def __call__(self, *args, **kwargs):
+        loss = self.base(*args, **kwargs)
+        forward = loss.forward
+        def counted(*a, **k):
+            calls.append(1)
+            return forward(*a, **k)
+        loss.forward = counted
+        return loss
+open_clip.factory.ClipLoss = Counted(infcl.ClipLoss)
+open_clip.factory.SigLipLoss = Counted(infcl.SigLipLoss)
+from open_clip_train.main import main
+main(sys.argv[2:])
+print("infcl losses run:", len(calls))
+"""
+
+
+@pytest.mark.parametrize("siglip", [False, True], ids=["clip", "siglip"])
+def test_open_clip_train_runs_on_infcl_losses(shapes, tmp_path, siglip) -> None:
+    """Migrating's route: open_clip's own trainer (its webdataset pipeline, --accum-freq) with
+    the two names replaced trains on infcl's losses, with the pinned webdataset and pandas."""
+    import subprocess
+
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(LAUNCHER)
+    cmd = [sys.executable, str(launcher), str(EXAMPLE / "configs"),
+           "--model", MODEL, "--train-data", shapes["train"], "--train-num-samples", "32",
+           "--dataset-type", "webdataset", "--batch-size", "8", "--accum-freq", "2",
+           "--epochs", "1", "--precision", "fp32", "--workers", "1", "--device", "cpu",
+           "--logs", str(tmp_path / "logs"), "--name", "run"] + (["--siglip"] if siglip else [])
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # 32 samples in batches of 8: 2 steps of 2 accumulated batches, the loss once per batch
+    assert "infcl losses run: 4" in done.stdout, done.stdout[-2000:]
+    assert (tmp_path / "logs" / "run" / "checkpoints" / "epoch_1.pt").exists()
