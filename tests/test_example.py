@@ -312,8 +312,9 @@ def test_open_clip_train_flags_keep_their_meaning() -> None:
 
 
 def test_open_clip_train_flags_not_implemented_are_named() -> None:
-    with pytest.raises(ValueError, match="--lr-scheduler, --report-to"):
-        oc_main.translate([*OC_FLAGS, "--report-to", "tensorboard", "--lr-scheduler", "const"])
+    with pytest.raises(ValueError, match="--lr-scheduler, --report-to wandb,tensorboard"):
+        oc_main.translate([*OC_FLAGS, "--report-to", "wandb,tensorboard", "--lr-scheduler",
+                           "const"])
     with pytest.raises(ValueError, match="--precision fp16"):
         oc_main.translate([*OC_FLAGS, "--precision", "fp16"])
     with pytest.raises(ValueError, match="makes no step"):
@@ -484,3 +485,42 @@ def test_open_clip_train_runs_on_infcl_losses(shapes, tmp_path, siglip) -> None:
     # 32 samples in batches of 8: 2 steps of 2 accumulated batches, the loss once per batch
     assert "infcl losses run: 4" in done.stdout, done.stdout[-2000:]
     assert (tmp_path / "logs" / "run" / "checkpoints" / "epoch_1.pt").exists()
+
+
+def _scalars(folder: Path) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_scalars_match_the_logs(shapes, tmp_path) -> None:
+    """`--report-to tensorboard` (open_clip_train's flag) writes open_clip's scalar names to
+    <logs>/<name>/tensorboard, one value per step equal to log.csv's, val/ ones per evaluation."""
+    pytest.importorskip("tensorboard")
+    oc_main.main(["--model", MODEL, "--train-data", shapes["train"], "--train-num-samples", "32",
+                  "--batch-size", "8", "--accum-freq", "2", "--epochs", "1", "--precision",
+                  "fp32", "--logs", str(tmp_path), "--name", "run", "--grad-cache", "--device",
+                  "cpu", "--infcl-loss", "chunked", "--warmup", "1", "--val-data", shapes["val"],
+                  "--val-frequency", "1", "--report-to", "tensorboard", "--no-progress"])
+    run = tmp_path / "run"
+    got = _scalars(run / "tensorboard")
+    with (run / "log.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    for column, tag in [("loss", "train/loss"), ("lr", "train/lr"), ("scale", "train/scale"),
+                        ("samples_per_s", "train/samples_per_second")]:
+        want = {int(r["step"]): float(r[column]) for r in rows}
+        assert got[tag].keys() == want.keys(), tag
+        for step, value in want.items():
+            assert got[tag][step] == pytest.approx(value, rel=1e-6), (tag, step)
+    with (run / "eval.csv").open() as f:
+        last = list(csv.DictReader(f))[-1]
+    r1 = got["val/image_to_text_R@1"]
+    assert r1[int(last["step"])] == pytest.approx(float(last["image_to_text_R@1"]), rel=1e-6)
+
+
+def test_report_to_wandb_is_named() -> None:
+    with pytest.raises(ValueError, match="--report-to wandb"):
+        oc_main.translate(["--model", MODEL, "--train-data", "x.tar", "--train-num-samples", "8",
+                           "--report-to", "wandb"])

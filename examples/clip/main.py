@@ -22,8 +22,8 @@ exact loss of the global batch.
 
 The trainer does not implement every flag of open_clip_train. Checkpoints keep open_clip's
 names (`checkpoints/epoch_N.pt`, `epoch_latest.pt`; train.py's own content, which open_clip
-loads as weights); the logs are `log.csv` / `eval.csv` in place of open_clip's log files and
-TensorBoard. A flag it does not implement, given a value other than its default, stops the run
+loads as weights); the logs are `log.csv` / `eval.csv` in place of open_clip's log files, and
+`--report-to tensorboard` writes open_clip's TensorBoard scalars to `<logs>/<name>/tensorboard`. A flag it does not implement, given a value other than its default, stops the run
 with an error that names the flag: no flag is ignored without a word. Flags that only tune
 open_clip's own logging (`--log-every-n-steps`, `--save-most-recent`) are accepted, with a
 note saying what they do here. `--workers` decodes images in that many processes, as
@@ -53,7 +53,7 @@ TRANSLATED = {
     "train_data", "model", "train_num_samples", "batch_size", "accum_freq", "epochs",
     "precision", "logs", "name", "resume", "save_frequency", "zeroshot_frequency",
     "val_frequency", "imagenet_val", "val_data", "lock_image", "grad_clip_norm",
-    "torchcompile", "siglip", "dataset_type", "workers",
+    "torchcompile", "siglip", "dataset_type", "workers", "report_to",
 }
 """Flags mapped onto train.py's (see `translate`)."""
 NOTED = {
@@ -115,6 +115,9 @@ def translate(argv: Sequence[str], world: int = 1) -> tuple[list[str], list[str]
         problems.append("--train-data and --train-num-samples are both required")
     elif a.train_data.endswith(".csv"):
         problems.append("a CSV --train-data (webdataset shards only)")
+    reports = {r.strip() for r in str(a.report_to).split(",") if r.strip()}
+    if reports - {"tensorboard", "all"} or "all" in reports:  # open_clip: "all" includes wandb
+        problems.append(f"--report-to {a.report_to} (tensorboard only)")
     if str(a.logs).lower() == "none":
         problems.append("--logs none (this trainer always writes its logs and checkpoints)")
     if problems:
@@ -156,6 +159,8 @@ def translate(argv: Sequence[str], world: int = 1) -> tuple[list[str], list[str]
     if a.resume:
         argv_out += ["--resume", a.resume]
     argv_out += ["--workers", str(a.workers)]
+    if "tensorboard" in reports:  # where open_clip_train writes it: <logs>/<name>/tensorboard
+        argv_out += ["--tensorboard", str(out / "tensorboard")]
     if a.grad_clip_norm is not None:
         argv_out += ["--grad-clip-norm", str(a.grad_clip_norm)]
     flags = {"lock_image": "--lock-image", "torchcompile": "--compile", "siglip": "--siglip"}

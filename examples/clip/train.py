@@ -94,6 +94,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a("--workers", type=int, default=0,
       help="processes that decode and transform images (0: in this one); the batches are the same")
     a("--seed", type=int, default=0)
+    a("--tensorboard", type=Path,
+      help="also write TensorBoard scalars here, named as open_clip_train names them "
+           "(train/loss, train/lr, train/scale, train/samples_per_second at every step; val/<metric> "
+           "at each evaluation); needs the tensorboard package")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -112,6 +116,23 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), dev
+
+
+TB_NAMES = {"samples_per_s": "samples_per_second"}
+"""log.csv's column -> open_clip_train's TensorBoard scalar name (after `train/`)."""
+
+
+def tensorboard_writer(path: Path | None):
+    """A `SummaryWriter` for `path` (None: no TensorBoard). Fails before training when the
+    tensorboard package is missing, as open_clip_train does, rather than after the first step."""
+    if path is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exn:
+        raise ImportError(f"--tensorboard needs the tensorboard package ({exn}): "
+                          "pip install tensorboard") from exn
+    return SummaryWriter(str(path))
 
 
 def lr_lambda(warmup: int, steps: int):
@@ -414,10 +435,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         seed=args.seed, rank=rank, world=world,
                         shuffle_buffer=args.shuffle_buffer, start=position,
                         workers=args.workers)
-    log = evals = None
+    log = evals = board = None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         log, evals = CsvLog(out / "log.csv", start), CsvLog(out / "eval.csv", start)
+        board = tensorboard_writer(args.tensorboard)
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps,
                disable=rank != 0 or args.no_progress, dynamic_ncols=True,
                mininterval=1 if sys.stderr.isatty() else 15)
@@ -465,6 +487,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         }
         if log is not None:
             log.add(row)
+        if board is not None:
+            for key in ("loss", "lr", "scale", "samples_per_s"):
+                board.add_scalar(f"train/{TB_NAMES.get(key, key)}", row[key], done)
         bar.set_postfix(loss=f"{row['loss']:.3f}", scale=f"{row['scale']:.1f}", refresh=False)
         is_last = done == args.steps
         if is_last or (args.save_every and done % args.save_every == 0):
@@ -482,10 +507,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                           or args.retrieval_data and kinds["retrieval"]):
             last_eval = evaluate(model, tokenizer, preprocess_val, args, device, **kinds)
             evals.add({"step": done} | last_eval)
+            if board is not None:
+                for key, value in last_eval.items():
+                    if isinstance(value, float):
+                        board.add_scalar(f"val/{key}", value, done)
+                board.flush()
             bar.write(f"step {done}: " + ", ".join(
                 f"{k} {v:.3f}" for k, v in last_eval.items() if isinstance(v, float)))
     bar.close()
     loader.close()
+    if board is not None:
+        board.close()
     summary: dict[str, Any] = {"out": str(out), "steps": args.steps, "eval": last_eval,
                                "corrupt": loader.counts.corrupt, "read": loader.counts.read,
                                "bad_shards": sorted(loader.counts.bad_shards)}
