@@ -34,7 +34,7 @@ try:
     from infcl.kernels.configs import INTERPRET
     from infcl.kernels.lse_bwd import inf_bwd
     from infcl.kernels.lse_fwd import inf_fwd
-    from infcl.kernels.sigmoid_bwd import inf_sigmoid_bwd, inf_sigmoid_fused  # noqa: F401
+    from infcl.kernels.sigmoid_bwd import inf_sigmoid_bwd, inf_sigmoid_fused, scaled  # noqa: F401
     from infcl.kernels.sigmoid_fwd import inf_sigmoid_fwd
 
     HAS_TRITON = True
@@ -387,8 +387,10 @@ if HAS_TRITON:
 class _FusedSigmoid(torch.autograd.Function):
     """The "mean"/"sum" sigmoid loss of `infcl::inf_sigmoid_fused`: the gradients are formed
     with the loss, in one sweep over the tiles instead of two, and the backward scales them by
-    the incoming gradient (exact for the usual 1.0). They are held from the forward to the
-    backward: the memory of the gradients themselves, which the backward would make anyway."""
+    the incoming gradient (in fp32, rounded once: `infcl::scaled`). They are held from the
+    forward to the backward, so the backward's peak holds them twice (held and scaled). Not
+    twice differentiable: `create_graph=True` raises instead of dropping the second-order
+    terms."""
 
     @staticmethod
     def forward(ctx, q, k, s, b, y, mean, precision):
@@ -398,14 +400,24 @@ class _FusedSigmoid(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        if torch.is_grad_enabled():  # create_graph=True: the held gradients carry no graph
+            raise RuntimeError(
+                "inf_sigmoid_loss cannot differentiate its gradients (create_graph=True): its "
+                "'mean' and 'sum' losses form them in the forward; use reduction='none' and "
+                "reduce it yourself for higher-order gradients of the loss")
         dq, dk, ds, db = ctx.saved_tensors
-        return g.to(dq.dtype) * dq, g.to(dk.dtype) * dk, g * ds, g * db, None, None, None
+        scaled = torch.ops.infcl.scaled
+        return scaled(dq, g), scaled(dk, g), g * ds, g * db, None, None, None
 
 
 def _fused_sigmoid(block: str, reduction: str, group, *tensors: Tensor) -> bool:
     """Whether the sigmoid loss takes `_FusedSigmoid`: Triton tiles on one device, a scalar
-    loss, and a gradient wanted (without one the forward alone is a third of the work)."""
+    loss, a gradient wanted (without one the forward alone is a third of the work), and bf16 or
+    fp32 features. fp16 keeps two sweeps: gradients formed for an incoming gradient of 1 would
+    sit in fp16's subnormals and overflow under a loss scale, where the two-sweep backward
+    scales dS by the real incoming gradient first."""
     return (HAS_TRITON and block == "inf" and reduction != "none" and group_size(group) <= 1
+            and tensors[0].dtype != torch.float16
             and torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 

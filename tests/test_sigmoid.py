@@ -356,3 +356,41 @@ def test_fused_sigmoid_compiles_fullgraph_interpreted(small_blocks):
         for a, b in zip(*results, strict=True):
             torch.testing.assert_close(a, b)
     assert counter.frame_count == 1
+
+
+@pytest.mark.interpret
+@pytest.mark.skipif(not INTERPRET, reason="set TRITON_INTERPRET=1 (make test does)")
+def test_fused_sigmoid_limits_interpreted(small_blocks):
+    """fp16 keeps the two sweeps (its gradients for an incoming 1 would underflow, and
+    overflow under a loss scale); a second-order gradient through the fused pass raises
+    instead of silently dropping its terms; the held gradients are scaled in fp32, once."""
+    c = Case(m=29, n=29, d=11, scale=10.0, bias=-5.0, seed=21)
+    q, k = (x.half() for x in c.inputs())
+    leaves = [q.clone().requires_grad_(), k.clone().requires_grad_()]
+    with _OpNames() as log:
+        infcl.inf_sigmoid_loss(*leaves, 10.0, -5.0).backward(torch.tensor(65536.0))
+    assert "inf_sigmoid_fused" not in log.names and "inf_sigmoid_bwd" in log.names
+    assert all(torch.isfinite(x.grad).all() for x in leaves)
+
+    q, k = (x.float().requires_grad_() for x in c.inputs())
+    loss = infcl.inf_sigmoid_loss(q, k, 10.0, -5.0)
+    with pytest.raises(RuntimeError, match="cannot differentiate its gradients"):
+        torch.autograd.grad(loss, q, create_graph=True)
+
+    x = torch.randn(3000, dtype=torch.float32).bfloat16()
+    g = torch.tensor(0.1)
+    # the interpreter converts to bf16 by truncation (a GPU rounds to nearest: the CUDA test)
+    got = torch.ops.infcl.scaled(x, g).float()
+    torch.testing.assert_close(got, x.float() * 0.1, rtol=2**-7, atol=0)
+    torch.library.opcheck(torch.ops.infcl.scaled.default, (x, g))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_fused_sigmoid_scales_in_fp32_cuda():
+    """The held bf16 gradients times a 0-dim fp32 incoming gradient: one rounding, as the
+    product in fp32 rounded to bf16 (`x * g` in torch may round g to bf16 first)."""
+    x = torch.randn(100_000, device="cuda").bfloat16()
+    g = torch.tensor(0.1, device="cuda")
+    assert torch.equal(torch.ops.infcl.scaled(x, g), (x.float() * g).bfloat16())
+    torch.library.opcheck(torch.ops.infcl.scaled.default, (x, g))

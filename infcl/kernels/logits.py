@@ -56,22 +56,6 @@ def scale_logits(b_acc, s, ROUNDED: tl.constexpr):
     return b_acc * s
 
 
-_ASM = tl.constexpr(not configs.INTERPRET)
-"""PTX inline assembly runs on a GPU only; the interpreter computes each operation as written."""
-
-
-@triton.jit
-def _add_rn(a, b):
-    """`a + b` for fp32 tiles as its own `add.rn`. Written as `a + tl.dot(x, y)`, Triton's
-    combine pass folds the add into the dot's accumulator (`addf(dot(x, y, 0), a) -> dot(x, y,
-    a)`), which makes one FMA chain again."""
-    if _ASM:
-        return tl.inline_asm_elementwise(
-            "add.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1,
-        )
-    return a + b
-
-
 @triton.jit
 def _round_tf32(x):
     """fp32 -> the nearest TF32 value (ties away from zero), as cuBLAS rounds its TF32 inputs.
@@ -92,8 +76,7 @@ def qk_tile(
     """`q[o_m] @ k[o_n].T` unscaled, fp32 `[BLOCK_M, BLOCK_N]`; masked rows and columns are 0.
     Both stages call it, so the backward recomputes the forward's logits the same way. With
     PRECISION "tf32" the fp32 inputs are rounded to TF32 first (see `_round_tf32`). With "ieee"
-    each BLOCK_D chunk's FMAs start from zero and the chunks are added (`_add_rn`), a two-level
-    sum instead of one chain of D FMAs, whose error grows with D."""
+    the product is one chain of D FMAs per logit (see benchmarks/NOTES.md on its error)."""
     b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for start_d in range(0, D, BLOCK_D):
         o_d = start_d + tl.arange(0, BLOCK_D)
@@ -106,8 +89,6 @@ def qk_tile(
             b_acc = tl.dot(b_q.to(tl.float32), b_k.to(tl.float32), b_acc, input_precision="ieee")
         elif IS_FP32 and PRECISION == "tf32":
             b_acc = tl.dot(_round_tf32(b_q), _round_tf32(b_k), b_acc, input_precision="tf32")
-        elif IS_FP32 and PRECISION == "ieee":  # FMA: a fresh sum per chunk, then one add
-            b_acc = _add_rn(b_acc, tl.dot(b_q, b_k, input_precision="ieee"))
         elif IS_FP32:
             b_acc = tl.dot(b_q, b_k, b_acc, input_precision=PRECISION)
         else:

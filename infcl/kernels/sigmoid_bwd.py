@@ -150,3 +150,32 @@ def inf_sigmoid_fused(
 def inf_sigmoid_fused_fake(q, k, scale, bias, labels, mean, precision):
     return (q.new_empty((), dtype=torch.float32), torch.empty_like(q), torch.empty_like(k),
             torch.empty_like(scale), torch.empty_like(bias))
+
+
+@triton.jit
+def _scaled_kernel(x_ptr, g_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = o < n
+    g = tl.load(g_ptr).to(tl.float32)
+    x = tl.load(x_ptr + o, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + o, (x * g).to(out_ptr.dtype.element_ty), mask=m)  # to nearest (GPU)
+
+
+@torch.library.custom_op("infcl::scaled", mutates_args=())
+@autocast_off
+def scaled(x: Tensor, g: Tensor) -> Tensor:
+    """`x * g` for a 0-dim `g`, multiplied in fp32 and rounded once to x's dtype (torch's own
+    product of a bf16 tensor and a 0-dim device tensor may round `g` to bf16 first): the
+    backward of `inf_sigmoid_fused`'s held gradients."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    n = x.numel()
+    if n:
+        block = 1024
+        _scaled_kernel[(triton.cdiv(n, block),)](x, g, out, n, BLOCK=block)
+    return out
+
+
+@scaled.register_fake
+def scaled_fake(x, g):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
