@@ -7,8 +7,9 @@ Parts (each writes rows to `train.csv`, long format as every benchmark here):
 - `plain`: one step on the whole batch (no cache) at `--plain-batch` (4096, or half that when it
   does not fit), with open_clip's `ClipLoss` and with `infcl.ClipLoss`: samples/s, peak memory.
 - `cache`: `infcl.grad_cache_step` at 16384 and 65536 (micro-batch `--micro`): time per step, split
-  into the no-grad encoder pass, the loss (forward + backward, timed on its own on the step's
-  embeddings) and the re-encoding with grad; the cache's cost per sample against the plain step.
+  into the no-grad encoder pass and the re-encoding's forward (the rest is its backward and the
+  optimizer); the loss timed on its own on unit rows of the step's shape; the cache's cost per
+  sample against the plain step.
 - `compile`: the same cached step at 16384 with `torch.compile`d encoders: compile time (the
   first step's excess) and the steady step against eager.
 - `loader`: the example's webdataset loader (`PairLoader`, open_clip's train transform) over
@@ -167,6 +168,7 @@ def main() -> None:
     per_sample = {}
     if "plain" in args.parts:
         for b in (args.plain_batch, args.plain_batch // 2):
+            images = tokens = None
             try:
                 images, tokens = synthetic(b, dev)
                 for name, loss_mod in (("open_clip ClipLoss", OpenClipLoss()),
