@@ -217,22 +217,18 @@ def test_bad_input_raises(fn, change, error, pattern, compiled):
         call(args)
 
 
-def test_compiled_step_no_recompile():
-    """fullgraph, forward and backward, and a second batch size marked dynamic compiles nothing."""
+def assert_compiles_once(fn, sizes: tuple[int, int], d: int) -> None:
+    """`fn(q, k, scale, bias)` under `torch.compile(fullgraph=True)` gives the eager loss and
+    gradients at two batch sizes marked dynamic, compiling one frame."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
-
-    def step(q, k, s, b):
-        return infcl.chunked_sigmoid_loss(q, k, s.exp(), b, chunk_size=4)
-
-    compiled = torch.compile(step, backend=counter, fullgraph=True)
-    for m in (13, 29):
-        c = Case(m=m, n=m, d=6, seed=m)
-        q, k = (x.float() for x in c.inputs())
+    compiled = torch.compile(fn, backend=counter, fullgraph=True)
+    for m in sizes:
+        q, k = (x.float() for x in Case(m=m, n=m, d=d, seed=m).inputs())
         results = []
-        for f in (step, compiled):
+        for f in (fn, compiled):
             args = [q.clone().requires_grad_(), k.clone().requires_grad_(),
                     torch.tensor(2.3, requires_grad=True), torch.tensor(-5.0, requires_grad=True)]
             torch._dynamo.mark_dynamic(args[0], 0)
@@ -243,6 +239,12 @@ def test_compiled_step_no_recompile():
         for a, b in zip(*results, strict=True):
             torch.testing.assert_close(a, b)
     assert counter.frame_count == 1
+
+
+def test_compiled_step_no_recompile():
+    """fullgraph, forward and backward, and a second batch size marked dynamic compiles nothing."""
+    assert_compiles_once(
+        lambda q, k, s, b: infcl.chunked_sigmoid_loss(q, k, s.exp(), b, chunk_size=4), (13, 29), 6)
 
 
 @pytest.fixture(scope="module")
@@ -333,29 +335,7 @@ def test_fused_sigmoid_pass_interpreted(small_blocks, reduction):
 def test_fused_sigmoid_compiles_fullgraph_interpreted(small_blocks):
     """The fused pass under `torch.compile(fullgraph=True)`: the eager numbers, forward and
     backward, and a second batch size marked dynamic compiles nothing new."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
-
-    def step(q, k, s, b):
-        return infcl.inf_sigmoid_loss(q, k, s.exp(), b)
-
-    compiled = torch.compile(step, backend=counter, fullgraph=True)
-    for m in (19, 29):
-        q, k = (x.float() for x in Case(m=m, n=m, d=9, seed=m).inputs())
-        results = []
-        for f in (step, compiled):
-            args = [q.clone().requires_grad_(), k.clone().requires_grad_(),
-                    torch.tensor(2.3, requires_grad=True), torch.tensor(-5.0, requires_grad=True)]
-            torch._dynamo.mark_dynamic(args[0], 0)
-            torch._dynamo.mark_dynamic(args[1], 0)
-            loss = f(*args)
-            loss.backward()
-            results.append([loss.detach()] + [a.grad for a in args])
-        for a, b in zip(*results, strict=True):
-            torch.testing.assert_close(a, b)
-    assert counter.frame_count == 1
+    assert_compiles_once(lambda q, k, s, b: infcl.inf_sigmoid_loss(q, k, s.exp(), b), (19, 29), 9)
 
 
 @pytest.mark.interpret
