@@ -435,3 +435,50 @@ def test_sigmoid_ring_matches_naive(pool):
     per_rank = [x for x in pool.run(job_sigmoid) if x is not None]
     bad = [m for msgs in per_rank for m in msgs if m]
     assert per_rank and not bad, bad
+
+
+def job_key_gradient_allocations(ctx: Ctx, world: int) -> int | None:
+    """The fp32 tensors of a key shard's shape that one rank's backward makes (bf16 inputs):
+    its dq accumulator, the travelling key gradient's first fp32 copy and one receive buffer per
+    hop; the blocks' own gradients are added in as they come and the sum goes home in bf16."""
+    if not ctx.member(world):
+        return None
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from infcl.dist import group_name
+    from infcl.dist.ring import ring_bwd
+
+    class Made(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            given = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:
+                    self.shapes.append((tuple(t.shape), t.dtype))
+            return out
+
+    r, n, d = ctx.group_rank(world), 7, 5
+    gen = torch.Generator().manual_seed(r)
+    q = torch.randn(n, d, generator=gen).bfloat16().to(ctx.device)
+    k = torch.randn(n, d, generator=gen).bfloat16().to(ctx.device)
+    s = torch.tensor(3.0, device=ctx.device)
+    name = group_name(ctx.group(world))
+    y = q.new_empty(0, dtype=torch.long)
+    row, col, _, sizes = torch.ops.infcl.ring_fwd(q, k, s, y, True, True, -100, name,
+                                                  "chunked", 0, "ieee")
+    g = torch.full((n,), 0.5 / n, device=ctx.device)
+    with Made() as made:  # the op's body, where the mode sees what it allocates
+        dq, dk, _ = ring_bwd._init_fn(q, k, s, y, sizes, True, True, row, col, g, g, -2 * g,
+                                      name, "chunked", 0, "ieee")
+    assert dq.dtype == dk.dtype == torch.bfloat16
+    return sum(1 for shape, dtype in made.shapes if shape == (n, d) and dtype == torch.float32)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ring_backward_makes_few_key_sized_fp32_tensors(pool, world):
+    counts = [c for c in pool.run(job_key_gradient_allocations, world) if c is not None]
+    assert counts == [world + 1] * world, counts

@@ -242,9 +242,11 @@ def _backward_ring(
     """The backward's ring, shared by both losses. At step t the key block of rank
     `src = r - t` (with `stats`, its column statistics, when given) is sent ahead to the next
     rank while `step(src, keys, stats)` computes this rank's rows against it and returns the
-    block's key gradient (`acc` dtype). That gradient follows its block one step behind, each
-    rank adding its rows' part, and arrives home after the last step: the return value, this
-    rank's dk summed over every rank's rows."""
+    block's key gradient (k's dtype or `acc`). That gradient follows its block one step behind
+    in `acc`, each rank adding its rows' part as it is (no `acc` copy of it), and arrives home
+    after the last step: the return value, this rank's dk summed over every rank's rows, in k's
+    dtype. The sum makes its last hop already rounded to k's dtype: the same single rounding
+    as at home, with half the bytes on the wire and in the receive buffer."""
     w, r = ring.world, ring.rank
     d = k.shape[1]
     kb = k.detach().contiguous()
@@ -268,12 +270,13 @@ def _backward_ring(
         works = ring.start(sends, recvs)
         dk_b = step(src, kb, stats)
         _wait(works)
-        trail = dk_b if trail_in is None else trail_in.add_(dk_b)
+        trail = dk_b.to(acc) if trail_in is None else trail_in.add_(dk_b)
         if k_next is not None:
             kb, stats = k_next, stats_next
     if w == 1:
-        return trail
-    return ring.exchange(trail, torch.empty((ns[r], d), dtype=acc, device=k.device), TAG_TRAIL)
+        return trail.to(k.dtype)
+    home = torch.empty((ns[r], d), dtype=k.dtype, device=k.device)
+    return ring.exchange(trail.to(k.dtype), home, TAG_TRAIL)
 
 
 @torch.library.custom_op("infcl::ring_fwd", mutates_args=())
@@ -382,10 +385,10 @@ def ring_bwd(
         )
         dq.add_(dq_b)
         dscale.add_(dscale_b)
-        return dk_b.to(acc)
+        return dk_b
 
     dk = _backward_ring(ring, k, ns, acc, stats, step)
-    return dq.to(q.dtype), dk.to(k.dtype), dscale.to(scale.dtype)
+    return dq.to(q.dtype), dk, dscale.to(scale.dtype)
 
 
 @ring_bwd.register_fake
@@ -486,10 +489,10 @@ def ring_sigmoid_bwd(
         dq.add_(dq_b)
         dscale.add_(dscale_b)
         dbias.add_(dbias_b)
-        return dk_b.to(acc)
+        return dk_b
 
     dk = _backward_ring(ring, k, ns, acc, None, step)
-    return dq.to(q.dtype), dk.to(k.dtype), dscale.to(scale.dtype), dbias.to(bias.dtype)
+    return dq.to(q.dtype), dk, dscale.to(scale.dtype), dbias.to(bias.dtype)
 
 
 @ring_sigmoid_bwd.register_fake
