@@ -179,9 +179,12 @@ def ds_gemms(
             return ds @ k, ds.T @ q, sums.sum(dim=(1, 2))
         dq = torch.empty_like(q)
         dk32 = None if two_sweeps else torch.zeros(k.shape, **f32)
+        # one fp32 block buffer per sweep, zeroed per block: `torch.zeros` per block would hold
+        # the old block and the new one at once (a block's fp32 size more at the peak)
+        acc32 = torch.empty((max(min(m, blk), min(n, blk)), d), **f32)
         for a_i, a in enumerate(row_blocks):
             rows = span(a, m)
-            dq32 = torch.zeros((rows.stop - a, d), **f32)
+            dq32 = acc32[: rows.stop - a].zero_()
             for c_i, c in enumerate(col_blocks):
                 cols = span(c, n)
                 ds = block(rows, cols, sums[:, a_i * len(col_blocks) + c_i])
@@ -196,7 +199,7 @@ def ds_gemms(
         scratch = torch.empty_like(sums[:, 0])  # the sums were taken in the first sweep
         for c in col_blocks:
             cols = span(c, n)
-            dk32 = torch.zeros((cols.stop - c, d), **f32)
+            dk32 = acc32[: cols.stop - c].zero_()
             for a in row_blocks:
                 rows = span(a, m)
                 addmm32_(dk32, block(rows, cols, scratch).T, q[rows])
