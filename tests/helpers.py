@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from infcl import naive_loss
 
@@ -242,3 +243,41 @@ def runs_tf32(dtype: torch.dtype, device: str, precision: str | None) -> bool:
 
     tf32 = configs.resolve_precision(precision or "default") == "tf32"
     return dtype == torch.float32 and device == "cuda" and tf32
+
+
+class OpLog(TorchDispatchMode):
+    """Records the infcl ops called (`calls`: name and the dtypes of their tensor arguments;
+    `names`: the op names alone, e.g. "inf_fwd")."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, list[torch.dtype]]] = []
+
+    @property
+    def names(self) -> list[str]:
+        return [name.split(".")[1] for name, _ in self.calls]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name.startswith("infcl."):
+            self.calls.append((name, [a.dtype for a in args if isinstance(a, torch.Tensor)]))
+        return func(*args, **(kwargs or {}))
+
+
+class Allocations(TorchDispatchMode):
+    """Records (shape, dtype) of every tensor an op returns in new memory (not in place). A
+    custom op's body is seen only when its Python function is called directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.made: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        given = {a.untyped_storage().data_ptr() for a in [*args, *kwargs.values()]
+                 if isinstance(a, torch.Tensor)}
+        out = func(*args, **kwargs)
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:
+                self.made.append((tuple(t.shape), t.dtype))
+        return out

@@ -9,11 +9,10 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FLOOR, assert_close_to_naive, run, runs_tf32
+from helpers import FLOOR, Allocations, OpLog, assert_close_to_naive, run, runs_tf32
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from strategies import Problem, problems
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import infcl
 from infcl import inf
@@ -36,20 +35,6 @@ def small_blocks():
     configs.PARTS, configs.BWD_PARTS, configs.BWD_BLOCK = 2, 2, 24
     yield
     configs.PARTS, configs.BWD_PARTS, configs.BWD_BLOCK = saved
-
-
-class OpLog(TorchDispatchMode):
-    """Records the infcl ops called and the dtypes of their tensor arguments."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[tuple[str, list[torch.dtype]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        if name.startswith("infcl."):
-            self.calls.append((name, [a.dtype for a in args if isinstance(a, torch.Tensor)]))
-        return func(*args, **(kwargs or {}))
 
 
 TINY_K_TF32 = 2.0**-10
@@ -128,24 +113,6 @@ def test_symmetric_pays_once_and_keeps_low_precision(small_blocks):
     for _, dtypes in log.calls:
         assert dtypes[:2] == [torch.bfloat16, torch.bfloat16]
     assert q.grad.dtype == k.grad.dtype == torch.bfloat16
-
-
-class Allocations(TorchDispatchMode):
-    """Records (shape, dtype) of every tensor an op returns in new memory (not in place)."""
-
-    def __init__(self):
-        super().__init__()
-        self.made: list[tuple[tuple[int, ...], torch.dtype]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        given = {a.untyped_storage().data_ptr() for a in [*args, *kwargs.values()]
-                 if isinstance(a, torch.Tensor)}
-        out = func(*args, **kwargs)
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:
-                self.made.append((tuple(t.shape), t.dtype))
-        return out
 
 
 @interpret

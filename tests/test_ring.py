@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_utils import BIG_LOGITS, PINNED, POOL_SIZE, Ctx, Pool, Sharded, check_case, draw_cases
-from helpers import assert_close_to_naive
+from helpers import Allocations, assert_close_to_naive
 
 from infcl import naive_loss
 from infcl.chunked import chunked_loss
@@ -443,23 +443,8 @@ def job_key_gradient_allocations(ctx: Ctx, world: int) -> int | None:
     hop; the blocks' own gradients are added in as they come and the sum goes home in bf16."""
     if not ctx.member(world):
         return None
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from infcl.dist import group_name
     from infcl.dist.ring import ring_bwd
-
-    class Made(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.shapes: list[tuple[tuple[int, ...], torch.dtype]] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            given = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:
-                    self.shapes.append((tuple(t.shape), t.dtype))
-            return out
 
     r, n, d = ctx.group_rank(world), 7, 5
     gen = torch.Generator().manual_seed(r)
@@ -471,11 +456,11 @@ def job_key_gradient_allocations(ctx: Ctx, world: int) -> int | None:
     row, col, _, sizes = torch.ops.infcl.ring_fwd(q, k, s, y, True, True, -100, name,
                                                   "chunked", 0, "ieee")
     g = torch.full((n,), 0.5 / n, device=ctx.device)
-    with Made() as made:  # the op's body, where the mode sees what it allocates
+    with Allocations() as log:  # the op's body, where the mode sees what it allocates
         dq, dk, _ = ring_bwd._init_fn(q, k, s, y, sizes, True, True, row, col, g, g, -2 * g,
                                       name, "chunked", 0, "ieee")
     assert dq.dtype == dk.dtype == torch.bfloat16
-    return sum(1 for shape, dtype in made.shapes if shape == (n, d) and dtype == torch.float32)
+    return sum(1 for shape, dtype in log.made if shape == (n, d) and dtype == torch.float32)
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch._dynamo
 import torch.nn.functional as F
-from helpers import FLOOR, poisoned_memory, runs_tf32, within
+from helpers import FLOOR, OpLog, poisoned_memory, runs_tf32, within
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -292,19 +292,6 @@ def test_triton_matches_naive_cuda(dtype, precision, c):
     check(infcl.inf_sigmoid_loss, c, dtype, "cuda", precision=precision)
 
 
-class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
-    """The infcl ops a call dispatches, by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if str(func).startswith("infcl."):
-            self.names.append(str(func).split(".")[1])
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.interpret
 @pytest.mark.skipif(not INTERPRET, reason="set TRITON_INTERPRET=1 (make test does)")
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -315,11 +302,11 @@ def test_fused_sigmoid_pass_interpreted(small_blocks, reduction):
     c = Case(m=37, n=37, d=33, scale=20.0, bias=-5.0, seed=11, reduction=reduction)
     q, k = (x.float() for x in c.inputs())
     s, b = torch.tensor(c.scale), torch.tensor(c.bias)
-    with torch.no_grad(), _OpNames() as log:
+    with torch.no_grad(), OpLog() as log:
         plain = infcl.inf_sigmoid_loss(q, k, s, b, reduction=reduction)
     assert "inf_sigmoid_fwd" in log.names and "inf_sigmoid_fused" not in log.names
     leaves = [x.clone().requires_grad_() for x in (q, k, s, b)]
-    with _OpNames() as log:
+    with OpLog() as log:
         loss = infcl.inf_sigmoid_loss(*leaves, reduction=reduction)
     assert "inf_sigmoid_fused" in log.names and "inf_sigmoid_fwd" not in log.names
     torch.testing.assert_close(loss.detach(), plain, rtol=1e-6, atol=0)
@@ -347,7 +334,7 @@ def test_fused_sigmoid_limits_interpreted(small_blocks):
     c = Case(m=29, n=29, d=11, scale=10.0, bias=-5.0, seed=21)
     q, k = (x.half() for x in c.inputs())
     leaves = [q.clone().requires_grad_(), k.clone().requires_grad_()]
-    with _OpNames() as log:
+    with OpLog() as log:
         infcl.inf_sigmoid_loss(*leaves, 10.0, -5.0).backward(torch.tensor(65536.0))
     assert "inf_sigmoid_fused" not in log.names and "inf_sigmoid_bwd" in log.names
     assert all(torch.isfinite(x.grad).all() for x in leaves)
