@@ -410,14 +410,13 @@ class _FusedSigmoid(torch.autograd.Function):
         return scaled(dq, g), scaled(dk, g), g * ds, g * db, None, None, None
 
 
-def _fused_sigmoid(block: str, reduction: str, group, *tensors: Tensor) -> bool:
-    """Whether the sigmoid loss takes `_FusedSigmoid`: Triton tiles on one device, a scalar
+def _fused_sigmoid(block: str, reduction: str, *tensors: Tensor) -> bool:
+    """Whether the sigmoid loss on this device takes `_FusedSigmoid`: Triton tiles, a scalar
     loss, a gradient wanted (without one the forward alone is a third of the work), and bf16 or
     fp32 features. fp16 keeps two sweeps: gradients formed for an incoming gradient of 1 would
     sit in fp16's subnormals and overflow under a loss scale, where the two-sweep backward
     scales dS by the real incoming gradient first."""
-    return (HAS_TRITON and block == "inf" and reduction != "none" and group_size(group) <= 1
-            and tensors[0].dtype != torch.float16
+    return (block == "inf" and reduction != "none" and tensors[0].dtype != torch.float16
             and torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
@@ -441,7 +440,7 @@ def sigmoid_loss(
             y = torch.arange(q.shape[0], device=q.device)
         else:
             y = targets(labels, k.shape[0], NO_IGNORE)
-        if _fused_sigmoid(block, reduction, group, q, k, s, b):
+        if _fused_sigmoid(block, reduction, q, k, s, b):
             return _FusedSigmoid.apply(q, k, s, b, y, reduction == "mean", precision)
         fwd = getattr(torch.ops.infcl, f"{block}_sigmoid_fwd")
         per = fwd(q, k, s, b, y, 0, chunk_size, precision)

@@ -19,6 +19,7 @@ from infcl.kernels import configs
 from infcl.kernels.configs import INTERPRET, Tile, bwd_tile
 from infcl.kernels.logits import ds_gemms, exp_of, fp16_grad_scale, qk_tile
 from infcl.kernels.numerics import autocast_off
+from infcl.kernels.sigmoid_fwd import log1p_of
 
 
 @triton.jit
@@ -66,8 +67,7 @@ def _sigmoid_ds_kernel(
         b_ds = tl.where(b_hit, -b_sig_neg, b_sig) * b_g[:, None]
         b_ds = tl.where(m_m[:, None] & m_n[None, :], b_ds, 0.0)  # [BLOCK_M, BLOCK_N]
         if WITH_LOSS:  # softplus(-z S) = max(-z S, 0) + log1p(e), the forward kernel's terms
-            b_log1p = tl.where(b_u == 1.0, b_e, tl.log(b_u) * (b_e / (b_u - 1.0)))
-            b_l = tl.maximum(tl.where(b_hit, -b_s, b_s), 0.0) + b_log1p
+            b_l = tl.maximum(tl.where(b_hit, -b_s, b_s), 0.0) + log1p_of(b_e, b_u)
             b_loss += tl.sum(tl.where(m_m[:, None] & m_n[None, :], b_l, 0.0), axis=1)
         b_dscale += tl.sum(b_ds * b_acc, axis=1)
         b_dbias += tl.sum(b_ds, axis=1)

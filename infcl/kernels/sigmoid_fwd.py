@@ -22,12 +22,17 @@ from infcl.kernels.numerics import autocast_off
 
 
 @triton.jit
+def log1p_of(b_e, b_u):
+    """log(1 + e) from `e` and `u = 1 + e` (the module docstring's form: keeps e's relative
+    accuracy when e is tiny)."""
+    return tl.where(b_u == 1.0, b_e, tl.log(b_u) * (b_e / (b_u - 1.0)))
+
+
+@triton.jit
 def softplus(x, PRECISE: tl.constexpr):
     """log(1 + exp(x)) for fp32 x of any size, to a few ulps."""
     b_e = exp_of(-tl.abs(x), PRECISE)
-    b_u = 1.0 + b_e
-    b_log1p = tl.where(b_u == 1.0, b_e, tl.log(b_u) * (b_e / (b_u - 1.0)))
-    return tl.maximum(x, 0.0) + b_log1p
+    return tl.maximum(x, 0.0) + log1p_of(b_e, 1.0 + b_e)
 
 
 @triton.jit
