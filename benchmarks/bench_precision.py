@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 
+import bench_loss
 import harness  # before helpers: it puts the checkout and tests/ on sys.path
 import helpers
 import torch
@@ -29,10 +30,6 @@ last four locate the ieee dq miss at B=130, D=1030, scale 100 (by scale, D and B
 METRICS = ("loss", "dq", "dk", "dscale")
 
 
-def naive(q, k, s):
-    return infcl.naive_loss(q, k, s, symmetric=True)
-
-
 def inf_at(precision: str):
     def fn(q, k, s):
         return infcl.inf_loss(q, k, s, symmetric=True, precision=precision)
@@ -45,8 +42,8 @@ def inf_autocast(q, k, s):
 
 
 VARIANTS = {
-    "naive_ieee": naive,
-    "naive_cublas_tf32": naive,
+    "naive_ieee": bench_loss.naive,
+    "naive_cublas_tf32": bench_loss.naive,
     "inf_ieee": inf_at("ieee"),
     "inf_tf32x3": inf_at("tf32x3"),
     "inf_tf32": inf_at("tf32"),
@@ -54,20 +51,6 @@ VARIANTS = {
 CUBLAS = {"naive_cublas_tf32": "tf32"}
 """cuBLAS's fp32 setting around a variant's whole forward and backward (else IEEE; infcl's
 ops set their own from `precision=`)."""
-
-
-def time_step(fn, b: int, d: int, dev: torch.device) -> tuple[float, float, float]:
-    """p20/p50/p80 ms of forward + backward of `fn` on fp32 unit rows."""
-    q = harness.unit_rows(b, d, torch.float32, 1, dev).requires_grad_()
-    k = harness.unit_rows(b, d, torch.float32, 2, dev).requires_grad_()
-    s = torch.tensor(14.3, device=dev, requires_grad=True)
-
-    def step() -> None:
-        q.grad = k.grad = s.grad = None
-        fn(q, k, s).backward()
-
-    step()
-    return harness.bench(step, dev, rep_ms=300)
 
 
 def main() -> None:
@@ -100,7 +83,7 @@ def main() -> None:
     timed = {**VARIANTS, "inf_autocast_bf16": inf_autocast}
     for name, fn in timed.items():
         with matmul_precision(CUBLAS.get(name, "ieee")):
-            p20, p50, p80 = time_step(fn, b, d, dev)
+            (p20, p50, p80), _ = bench_loss.time_point(fn, b, d, torch.float32, dev, 300)
         out.add(name, "ms", b, d, torch.float32, p50, p20, p80)
         summary.append(f"B={b} D={d} {name:18s} {p50:.2f} ms")
         print(summary[-1], flush=True)

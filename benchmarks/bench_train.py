@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_loss
 import harness
 import open_clip
 import torch
@@ -114,22 +115,9 @@ def cache_step(model, opt, images, tokens, micro: int, timer: Timer | None = Non
     return loss
 
 
-def loss_time(model, b: int, device: torch.device) -> tuple[float, float]:
-    """(ms, peak GiB) of the loss alone, forward + backward, on fp32 embeddings of size b."""
-    q = harness.unit_rows(b, 512, torch.float32, 1, device).requires_grad_()
-    k = harness.unit_rows(b, 512, torch.float32, 2, device).requires_grad_()
-    s = model.logit_scale.detach().exp().clone().requires_grad_()
-
-    def step():
-        q.grad = k.grad = s.grad = None
-        with autocast():
-            loss = infcl.inf_loss(q, k, s, symmetric=True)
-        loss.backward()
-
-    step()
-    with harness.peak_above(device) as peak:
-        step()
-    return harness.bench(step, device, rep_ms=200)[1], peak[0]
+def autocast_loss(q, k, s):
+    with autocast():  # as the step runs it
+        return infcl.inf_loss(q, k, s, symmetric=True)
 
 
 def steady(fn, steps: int, device: torch.device) -> float:
@@ -202,7 +190,8 @@ def main() -> None:
             step_s = timer.total["step"] / args.steps
             enc0 = timer.total.get("encode_nograd", 0.0) / args.steps
             enc1 = timer.total.get("encode_grad", 0.0) / args.steps
-            loss_ms, loss_peak = loss_time(model, b, dev)
+            (_, loss_ms, _), loss_peak = bench_loss.time_point(autocast_loss, b, 512,
+                                                               torch.float32, dev, 200)
             name = f"grad cache (micro {args.micro})"
             rec(name, "step_s", b, step_s)
             rec(name, "samples_per_s", b, b / step_s)
