@@ -244,25 +244,24 @@ class CsvLog:
             reader = csv.DictReader(io.StringIO(text, newline=""))
             self.fields = list(reader.fieldnames or []) or None
             kept = [r for r in reader if None not in r.values() and int(r["step"]) <= keep_upto]
-        tmp = path.with_name(path.name + ".tmp")
+        self._rewrite(kept)
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        """The file as the header of `fields` (none while unknown) and `rows`, replaced whole."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
         with tmp.open("w", newline="") as f:
             if self.fields:
                 w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
                 w.writeheader()
-                w.writerows(kept)
-        os.replace(tmp, path)
+                w.writerows(rows)
+        os.replace(tmp, self.path)
 
     def add(self, row: dict) -> None:
         if self.fields is not None and set(row) - set(self.fields):  # a new column: widen
             with self.path.open(newline="") as f:
                 rows = list(csv.DictReader(f))
             self.fields += [k for k in row if k not in self.fields]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            with tmp.open("w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=self.fields)
-                w.writeheader()
-                w.writerows(rows)
-            os.replace(tmp, self.path)
+            self._rewrite(rows)
         with self.path.open("a", newline="") as f:
             if self.fields is None:
                 self.fields = list(row)
