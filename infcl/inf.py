@@ -112,8 +112,9 @@ describe(
     Memory: the inputs' gradients, one bounded block of logit gradients and O(M) row losses;
     no logit matrix is stored. A "mean" or "sum" loss that needs a gradient forms the gradients
     in the same sweep as the loss (a quarter less work) and holds them until the backward, whose
-    peak then holds them twice; bf16 and fp32 features take that path, fp16 two sweeps. Devices, precision and autocast as `inf_loss`; across ranks
-    (`group=`) as `ring_sigmoid_loss`, with these tiles at every ring step.
+    peak then holds them twice; bf16 and fp32 features take that path, fp16 two sweeps.
+    Devices, precision and autocast as `inf_loss`; across ranks (`group=`) as
+    `ring_sigmoid_loss`, with these tiles at every ring step.
 
     Args:
         group: the process group of the ring (None: this device alone).
