@@ -22,8 +22,10 @@ for step in $STEPS; do
                ${PYTEST_N:+-n $PYTEST_N} ${PYTEST_ARGS:-} > "$OUT/gpu_all.txt" 2>&1; tail -15 "$OUT/gpu_all.txt" ;;
     precision) timeout ${PRECISION_S:-150} python3 benchmarks/bench_precision.py --out "$OUT" \
                  > "$OUT/precision.txt" 2>&1; sed -n '/^wrote/,$p' "$OUT/precision.txt" ;;
-    tune) timeout ${TUNE_S:-150} python3 benchmarks/tune_tiles.py --dtypes bfloat16 \
-            --stage ${TUNE_STAGE:-both} > "$OUT/tune.txt" 2>&1; grep -v "^  " "$OUT/tune.txt" | tail -40 ;;
+    tune|tune2) # TUNE_ARGS (tune2: TUNE2_ARGS), e.g. "--loss siglip" or "--dtypes float32 --precision ieee"
+      args=${TUNE_ARGS:-}; [ $step = tune2 ] && args=${TUNE2_ARGS:-}
+      timeout ${TUNE_S:-150} python3 benchmarks/tune_tiles.py --dtypes bfloat16 \
+            --stage ${TUNE_STAGE:-both} $args > "$OUT/$step.txt" 2>&1; grep -v "^  " "$OUT/$step.txt" | tail -40 ;;
     bench|bench2) # bench2: a second set (SIZES2, METHODS2, D2, BIG2) in the same call
       if [ $step = bench2 ]; then SIZES=${SIZES2:-$SIZES}; METHODS=${METHODS2:-$METHODS}; D=${D2:-512}; BIG=${BIG2:-}; fi
       timeout ${BENCH_S:-240} python3 benchmarks/bench_loss.py --out "$OUT/$step" \
@@ -33,8 +35,10 @@ for step in $STEPS; do
              > "$OUT/$step.txt" 2>&1; sed -n '/^wrote/,$p' "$OUT/$step.txt" ;;
     train) timeout ${TRAIN_S:-300} python3 benchmarks/bench_train.py --out "$OUT" ${TRAIN_ARGS:-} \
              > "$OUT/train.txt" 2>&1; sed -n '/^wrote/,$p' "$OUT/train.txt"; tail -3 "$OUT/train.txt" ;;
-    profile) for b in 2048 8192; do timeout 60 python3 benchmarks/profile_small.py --b $b \
-               > "$OUT/profile_$b.txt" 2>&1; grep "^B=" "$OUT/profile_$b.txt"; done ;;
+    profile) # PROFILES: B:D:loss items (loss clip or siglip)
+      for item in ${PROFILES:-2048:512:clip 8192:512:clip}; do IFS=: read -r b d l <<< "$item"
+        timeout 90 python3 benchmarks/profile_small.py --b $b --d $d --loss $l --steps ${PROFILE_STEPS:-20} \
+               > "$OUT/profile_${b}_${d}_$l.txt" 2>&1; grep "^B=" "$OUT/profile_${b}_${d}_$l.txt"; done ;;
     *) echo "unknown step $step" ;;
   esac
   echo "== $step took $(( $(date +%s) - t0 )) s"

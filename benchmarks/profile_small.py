@@ -20,6 +20,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--b", type=int, default=8192)
     ap.add_argument("--d", type=int, default=512)
+    ap.add_argument("--loss", choices=["clip", "siglip"], default="clip",
+                    help="the symmetric softmax loss, or the sigmoid loss (mean, bias -10)")
+    ap.add_argument("--steps", type=int, default=20, help="steps under the profiler")
     ap.add_argument("--host", action="store_true",
                     help="also the Python functions by own time over 100 steps (cProfile)")
     args = ap.parse_args()
@@ -29,11 +32,15 @@ def main() -> None:
     s = torch.tensor(20.0, device=dev, requires_grad=True)
 
     def loss(q, k, s):
+        if args.loss == "siglip":
+            return infcl.inf_sigmoid_loss(q, k, s, -10.0)
         return infcl.inf_loss(q, k, s, symmetric=True)
 
+    spec = dict(ref_fn=infcl.naive_sigmoid_loss, bias=-10.0) if args.loss == "siglip" else dict(
+        symmetric=True)
     verdict = harness.gate(loss, harness.unit_rows(1000, 300, torch.bfloat16, 3, dev),
                            harness.unit_rows(1000, 300, torch.bfloat16, 4, dev),
-                           torch.tensor(30.0, device=dev), symmetric=True)
+                           torch.tensor(30.0, device=dev), **spec)
     if not verdict.ok:
         raise SystemExit("inf_loss is off the spec, not profiled:\n" + "\n".join(verdict.lines))
 
@@ -42,7 +49,7 @@ def main() -> None:
         loss(q, k, s).backward()
 
     _, step_ms, _ = harness.bench(step, dev)
-    n = 20
+    n = args.steps
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
             step()
@@ -51,7 +58,7 @@ def main() -> None:
     kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu = sum(e.self_device_time_total for e in kernels) / n / 1e3
     launches = sum(e.count for e in kernels) / n
-    print(f"B={args.b} D={args.d} bf16 symmetric: step {step_ms:.2f} ms (p50), GPU busy "
+    print(f"B={args.b} D={args.d} bf16 {args.loss}: step {step_ms:.2f} ms (p50), GPU busy "
           f"{gpu:.2f} ms/step, about {launches:.0f} kernels/step")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
     if args.host:

@@ -7,6 +7,8 @@ Every configuration is checked before it is timed: with that tile and partition 
 kernels alone (`lse_fwd` symmetric forward, `ds_bwd` backward) give the symmetric
 mean loss and its dq, dk, dscale at B = --check-b, D = 300, judged by `helpers.judge` against
 float64 `naive_loss` (the harness's rule). A configuration off the spec is reported, not timed.
+`--loss siglip` sweeps the fused sigmoid kernel instead (`sigmoid_ds_bwd` with the loss, the
+"mean" loss's whole step but for the final scaling), checked against `naive_sigmoid_loss`.
 """
 
 from __future__ import annotations
@@ -24,14 +26,17 @@ from infcl.kernels import configs
 from infcl.kernels.configs import Tile
 from infcl.kernels.lse_bwd import ds_bwd
 from infcl.kernels.lse_fwd import lse_fwd
+from infcl.kernels.sigmoid_bwd import sigmoid_ds_bwd
 
 TILES = {
     torch.bfloat16: [Tile(128, 256, 32, 8, 4), Tile(128, 256, 64, 8, 3), Tile(128, 128, 64, 8, 3),
                      Tile(64, 128, 64, 4, 3), Tile(128, 128, 64, 8, 4), Tile(128, 128, 32, 4, 4),
                      Tile(64, 256, 64, 4, 3), Tile(128, 64, 64, 4, 4)],
-    torch.float32: [Tile(128, 128, 32, 8, 3), Tile(64, 128, 32, 4, 3), Tile(128, 64, 32, 4, 3)],
+    torch.float32: [Tile(128, 128, 32, 8, 3), Tile(64, 128, 32, 4, 3), Tile(128, 64, 32, 4, 3),
+                    Tile(64, 64, 32, 4, 3), Tile(64, 64, 16, 4, 3), Tile(128, 128, 16, 8, 3)],
 }
-PRECISION = "tf32"  # float32 dots on the tensor cores, as inf_loss runs them by default
+PRECISION = "tf32"  # float32 dots: --precision (TF32 on the tensor cores unless told)
+BIAS = -10.0  # the sigmoid sweep's bias (SigLIP's initial value)
 
 
 def kernels_result(q: Tensor, k: Tensor, s: Tensor, tile: Tile) -> helpers.Result:
@@ -59,7 +64,52 @@ def off_spec(q: Tensor, k: Tensor, s: Tensor, tile: Tile) -> list[str]:
     return [] if verdict.ok else verdict.lines
 
 
+def sigmoid_result(q: Tensor, k: Tensor, s: Tensor, tile: Tile) -> helpers.Result:
+    """The mean sigmoid loss and its dq, dk, dscale from the fused kernel alone."""
+    b = q.shape[0]
+    y = torch.arange(b, device=q.device)
+    g_row = torch.full((b,), 1.0 / b, device=q.device)
+    bias = torch.tensor(BIAS, device=q.device)
+    dq, dk, dscale, _, total = sigmoid_ds_bwd(q, k, s, bias, y, 0, g_row, PRECISION, tile,
+                                              with_loss=True)
+    return helpers.Result(total / b, dq, dk, dscale)
+
+
+def sigmoid_off_spec(q: Tensor, k: Tensor, s: Tensor, tile: Tile) -> list[str]:
+    """[] when the fused sigmoid kernel with `tile` (and configs.BWD_PARTS) meets the rule."""
+    truth = helpers.run(infcl.naive_sigmoid_loss, q.double(), k.double(), s.double(), bias=BIAS)
+    ref = helpers.run(infcl.naive_sigmoid_loss, q, k, s, bias=BIAS)
+    verdict = helpers.judge(sigmoid_result(q, k, s, tile), ref, truth, dtype=q.dtype,
+                            floor=harness.floor(q.dtype, tf32=PRECISION == "tf32"))
+    return [] if verdict.ok else verdict.lines
+
+
+def sweep_sigmoid(args: argparse.Namespace) -> None:
+    """ms of the fused sigmoid kernel and its GEMMs per tile and backward partition count."""
+    b, d, dev = args.b, args.d, torch.device("cuda")
+    bwd_parts = configs.BWD_PARTS
+    for dt, tiles in TILES.items():
+        if harness.dname(dt) not in args.dtypes:
+            continue
+        q, k = harness.unit_rows(b, d, dt, 1, dev), harness.unit_rows(b, d, dt, 2, dev)
+        qc = harness.unit_rows(args.check_b, 300, dt, 3, dev)
+        kc = harness.unit_rows(args.check_b, 300, dt, 4, dev)
+        s = torch.tensor(20.0, device=dev)
+        for t in tiles:
+            for bp in (1, 2, 4):
+                configs.BWD_PARTS = bp
+                label = f"sigmoid fused {harness.dname(dt):8s} {t} bwd_parts={bp}"
+                problems = sigmoid_off_spec(qc, kc, s, t)
+                if problems:
+                    print(f"{label}: NOT TIMED, off the spec:\n  " + "\n  ".join(problems))
+                    continue
+                _, ms, _ = harness.bench(functools.partial(sigmoid_result, q, k, s, t), dev)
+                print(f"{label}: {ms:7.2f} ms ({6 * b * b * d / ms / 1e9:5.0f} TF/s)", flush=True)
+        configs.BWD_PARTS = bwd_parts
+
+
 def main() -> None:
+    global PRECISION
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--b", type=int, default=65536)
     ap.add_argument("--d", type=int, default=512)
@@ -67,7 +117,14 @@ def main() -> None:
                     help="batch of the check (not a multiple of the tiles; several partitions)")
     ap.add_argument("--dtypes", nargs="*", default=["bfloat16", "float32"])
     ap.add_argument("--stage", choices=["fwd", "bwd", "both"], default="both")
+    ap.add_argument("--loss", choices=["clip", "siglip"], default="clip")
+    ap.add_argument("--precision", choices=configs.PRECISIONS, default=PRECISION,
+                    help="of float32 dots")
     args = ap.parse_args()
+    PRECISION = args.precision
+    if args.loss == "siglip":
+        sweep_sigmoid(args)
+        return
     b, d, dev = args.b, args.d, torch.device("cuda")
     flop = 2 * b * b * d
     parts, bwd_parts = configs.PARTS, configs.BWD_PARTS

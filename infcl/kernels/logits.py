@@ -19,6 +19,8 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LOG2E_LO = tl.constexpr(1.92596298909109e-08)
 """log2(e) minus its float32 rounding: the part of LOG2E that `x * LOG2E` in fp32 drops."""
 LN2 = tl.constexpr(0.6931471805599453)
+NATIVE = tl.constexpr(not configs.INTERPRET)
+"""Compiled for a GPU (inline assembly available), not run by the interpreter."""
 
 
 @triton.jit
@@ -57,6 +59,17 @@ def scale_logits(b_acc, s, ROUNDED: tl.constexpr):
 
 
 @triton.jit
+def add_rn(a, b):
+    """`a + b` in fp32 as a lone `add.rn` on a GPU. A plain add of a fresh `tl.dot` result is
+    folded by Triton's combine pass into the dot's accumulator (one chain of FMAs again)."""
+    if NATIVE:
+        return tl.inline_asm_elementwise(
+            "add.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1,
+        )
+    return a + b
+
+
+@triton.jit
 def _round_tf32(x):
     """fp32 -> the nearest TF32 value (ties away from zero), as cuBLAS rounds its TF32 inputs.
     `tl.dot(input_precision="tf32")` truncates instead, which biases every product low."""
@@ -76,7 +89,8 @@ def qk_tile(
     """`q[o_m] @ k[o_n].T` unscaled, fp32 `[BLOCK_M, BLOCK_N]`; masked rows and columns are 0.
     Both stages call it, so the backward recomputes the forward's logits the same way. With
     PRECISION "tf32" the fp32 inputs are rounded to TF32 first (see `_round_tf32`). With "ieee"
-    the product is one chain of D FMAs per logit (see benchmarks/NOTES.md on its error)."""
+    each BLOCK_D chunk is summed on its own and the chunk sums are added (`add_rn`): one chain
+    of D FMAs per logit errs up to about 3x more than cuBLAS's blocked sums at scale 100."""
     b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for start_d in range(0, D, BLOCK_D):
         o_d = start_d + tl.arange(0, BLOCK_D)
@@ -89,6 +103,8 @@ def qk_tile(
             b_acc = tl.dot(b_q.to(tl.float32), b_k.to(tl.float32), b_acc, input_precision="ieee")
         elif IS_FP32 and PRECISION == "tf32":
             b_acc = tl.dot(_round_tf32(b_q), _round_tf32(b_k), b_acc, input_precision="tf32")
+        elif IS_FP32 and PRECISION == "ieee":
+            b_acc = add_rn(b_acc, tl.dot(b_q, b_k, input_precision="ieee"))
         elif IS_FP32:
             b_acc = tl.dot(b_q, b_k, b_acc, input_precision=PRECISION)
         else:
