@@ -231,22 +231,21 @@ def assemble(
     """Turn the pieces into the loss; autograd carries the gradients back to the pieces.
 
     `valid` marks the rows that count (None: all). `col_lse` is used only when symmetric. The
-    LSEs are float64 (`LSE_DTYPE`); the loss comes out in the dtype of `pos`.
+    LSEs are float64 (`LSE_DTYPE`), and so is the reduction: the loss is rounded once to the
+    dtype of `pos` (an fp32 sum of fp32 rows would err by several ulps at large B).
     """
     if symmetric:
-        per = (0.5 * ((row_lse - pos) + (col_lse - pos))).to(pos.dtype)
+        per = 0.5 * ((row_lse - pos) + (col_lse - pos))
     else:
-        per = (row_lse - pos).to(pos.dtype)
+        per = row_lse - pos
         if valid is not None:
             per = torch.where(valid, per, torch.zeros_like(per))
     if reduction == "none":
-        return per
+        return per.to(pos.dtype)
     total = per.sum()
-    if reduction == "sum":
-        return total
-    if valid is None or symmetric:
-        return total / per.shape[0]
-    return total / valid.sum()
+    if reduction == "mean":
+        total = total / (per.shape[0] if valid is None or symmetric else valid.sum())
+    return total.to(pos.dtype)
 
 
 def _prologue(q: Tensor, k: Tensor, precision: str | None) -> tuple[Tensor, Tensor, str]:
@@ -446,5 +445,5 @@ def sigmoid_loss(
         per = fwd(q, k, s, b, y, 0, chunk_size, precision)
     if reduction == "none":
         return per
-    total = per.sum()
-    return total if reduction == "sum" else total / per.shape[0]
+    total = per.to(LSE_DTYPE).sum()  # rounded once, as the softmax losses' `assemble`
+    return (total if reduction == "sum" else total / per.shape[0]).to(per.dtype)

@@ -145,6 +145,12 @@ def fp16_grad_scale(q: Tensor, *grads: Tensor) -> Tensor | None:
     return torch.where(g_max > 0, g_max, torch.ones_like(g_max))
 
 
+def _total(sums: Tensor) -> Tensor:
+    """The fp32 totals [n_sums] of the partial sums [n_sums, blocks, programs], added in
+    float64 and rounded once."""
+    return sums.sum(dim=(1, 2), dtype=torch.float64).float()
+
+
 LaunchDS = Callable[[slice, slice, Tensor, list[Tensor], tuple[int, int], int], None]
 
 
@@ -192,7 +198,7 @@ def ds_gemms(
     with fp32:
         if one_block:
             ds = block(slice(0, m), slice(0, n), sums[:, 0])
-            return ds @ k, ds.T @ q, sums.sum(dim=(1, 2))
+            return ds @ k, ds.T @ q, _total(sums)
         dq = torch.empty_like(q)
         dk32 = None if two_sweeps else torch.zeros(k.shape, **f32)
         # one fp32 block buffer per sweep, zeroed per block: `torch.zeros` per block would hold
@@ -210,7 +216,7 @@ def ds_gemms(
             dq[rows] = dq32 if g_max is None else dq32.mul_(g_max)
         if dk32 is not None:
             dk = dk32 if g_max is None else dk32.mul_(g_max)  # in place: [N, D] fp32 is large
-            return dq, dk.to(k.dtype), sums.sum(dim=(1, 2))
+            return dq, dk.to(k.dtype), _total(sums)
         dk = torch.empty_like(k)
         scratch = torch.empty_like(sums[:, 0])  # the sums were taken in the first sweep
         for c in col_blocks:
@@ -220,4 +226,4 @@ def ds_gemms(
                 rows = span(a, m)
                 addmm32_(dk32, block(rows, cols, scratch).T, q[rows])
             dk[cols] = dk32 if g_max is None else dk32.mul_(g_max)
-    return dq, dk, sums.sum(dim=(1, 2))
+    return dq, dk, _total(sums)

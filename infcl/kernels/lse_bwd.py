@@ -33,10 +33,13 @@ from infcl.kernels.numerics import autocast_off
 @triton.jit
 def _softmax(b_s, b_hi, b_lo, PRECISE: tl.constexpr):
     """exp(S - lse) with lse = hi + lo. `S - hi` is exact where S is near the LSE, which keeps
-    fp32's digits in the probabilities that matter; bf16 and fp16 take one FMA instead."""
+    fp32's digits in the probabilities that matter (a lone column's probability is exactly 1);
+    bf16 and fp16 take one exp2 of `(S - hi) * log2(e) - lo * log2(e)`. (`S * log2(e) - lse *
+    log2(e)` in one FMA is off by half an ulp of `lse * log2(e)`: at |S| = 1000 a probability
+    of 1 came out 1 +- 6e-5.)"""
     if PRECISE:
         return exp_precise((b_s - b_hi) - b_lo)
-    return tl.exp2(b_s * LOG2E - (b_hi + b_lo) * LOG2E)
+    return tl.exp2((b_s - b_hi) * LOG2E - b_lo * LOG2E)
 
 
 @triton.jit
