@@ -90,6 +90,18 @@ def bwd_tile(dtype: torch.dtype) -> Tile:
     return Tile(64, 128, 64, 4, 3)
 
 
+def sigmoid_tile(dtype: torch.dtype) -> Tile:
+    """Tile of the sigmoid loss's logit-gradient kernel (fused with its loss for "mean" and
+    "sum"). Its epilogue is longer than the softmax one's: at 64 x 128 with 4 warps ptxas spills
+    1.9 KB per thread (H200, B = 65536, D = 512, bf16: 67.7 ms for the fused kernel and its
+    GEMMs against 42.6 ms at 64 x 64 x 64, 4 warps; benchmarks/NOTES.md)."""
+    if INTERPRET:
+        return INTERPRET_TILE
+    if dtype == torch.float32:
+        return bwd_tile(dtype)
+    return Tile(64, 64, 64, 4, 3)
+
+
 PARTS = 16
 """The forward splits rows and columns into at most this many partitions each (P x Q programs,
 enough to keep two programs on every SM)."""

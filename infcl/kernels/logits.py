@@ -146,9 +146,9 @@ def fp16_grad_scale(q: Tensor, *grads: Tensor) -> Tensor | None:
 
 
 def _total(sums: Tensor) -> Tensor:
-    """The fp32 totals [n_sums] of the partial sums [n_sums, blocks, programs], added in
-    float64 and rounded once."""
-    return sums.sum(dim=(1, 2), dtype=torch.float64).float()
+    """The fp32 totals [n_sums] of the float64 partial sums [n_sums, blocks, programs], rounded
+    once."""
+    return sums.sum(dim=(1, 2)).float()
 
 
 LaunchDS = Callable[[slice, slice, Tensor, list[Tensor], tuple[int, int], int], None]
@@ -161,7 +161,7 @@ def ds_gemms(
     """The backward's block loop, shared by the softmax and sigmoid losses: for each block of
     at most `BWD_BLOCK x BWD_BLOCK` logits, `launch(rows, cols, ds, sums, grid, cols_per_part)`
     runs a dS kernel that writes the block's `scale * dS` (fp16: divided by `g_max`) into `ds`
-    and per-program partial sums into the rows of `sums` [n_sums, programs]; cuBLAS then takes
+    and per-program partial sums into the rows of `sums` [n_sums, programs] (float64); cuBLAS then takes
     `ds @ k` and `ds.T @ q`. Returns dq, dk (input dtypes) and the fp32 totals [n_sums] of the
     partial sums. q and k are not empty.
 
@@ -178,7 +178,9 @@ def ds_gemms(
     row_blocks, col_blocks = range(0, m, blk), range(0, n, blk)
     n_parts, _ = configs.split(min(n, blk), tile.block_n, configs.BWD_PARTS)
     per_block = triton.cdiv(min(m, blk), tile.block_m) * n_parts
-    sums = torch.zeros((n_sums, len(row_blocks) * len(col_blocks), per_block), **f32)
+    # float64 partial sums: the fp32 kernels (PRECISE) accumulate them in float64
+    sums = torch.zeros((n_sums, len(row_blocks) * len(col_blocks), per_block),
+                       dtype=torch.float64, device=q.device)
     ds_buf = torch.empty((min(m, blk), min(n, blk)), dtype=ds_dtype, device=q.device)
     one_block = len(row_blocks) == len(col_blocks) == 1 and g_max is None
     two_sweeps = not one_block and n * d * 4 > configs.ACC_BYTES_MAX

@@ -62,6 +62,7 @@ def _ds_kernel(
     stride_qm, stride_qd, stride_kn, stride_kd, stride_dsm,
     stride_gr, stride_gc, stride_gp,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN: tl.constexpr,  # M and N are multiples of the tile: no masks in the epilogue
     SYMMETRIC: tl.constexpr,  # the symmetric loss also backpropagates through the column LSE
     G_SCALED: tl.constexpr,  # fp16: dS is stored divided by the largest incoming gradient
     UPCAST: tl.constexpr,  # the interpreter computes low-precision dots wrongly: go through fp32
@@ -71,10 +72,14 @@ def _ds_kernel(
     ROUNDED: tl.constexpr,  # fp32 on a GPU: S rounded on its own (see logits.scale_logits)
 ):
     """Writes `scale * dS` (fp16: `scale * dS / g_max`) in ds's dtype, so that the GEMMs after
-    it give dq and dk without another pass; and per-program partial sums of `dS * (q @ k.T)`."""
+    it give dq and dk without another pass; and per-program partial sums of `dS * (q @ k.T)`.
+    Offsets inside the block (M, N <= BWD_BLOCK) are 32-bit, the row bases 64-bit."""
     pid_m = tl.program_id(0).to(tl.int64)
-    pid_c = tl.program_id(1).to(tl.int64)
-    o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_c = tl.program_id(1)
+    q_ptr += pid_m * BLOCK_M * stride_qm
+    ds_ptr += pid_m * BLOCK_M * stride_dsm
+    o_i = tl.arange(0, BLOCK_M)
+    o_m = pid_m * BLOCK_M + o_i
     m_m = o_m < M
     col_lo = pid_c * cols_per_part
     col_hi = tl.minimum(col_lo + cols_per_part, N)
@@ -82,14 +87,17 @@ def _ds_kernel(
     out = s * tl.load(inv_g_ptr) if G_SCALED else s
     b_rh, b_rl, b_gr = _stats(r_lse_ptr, g_row_ptr, stride_gr, o_m, m_m)  # [BLOCK_M]
     b_y = tl.load(y_ptr + o_m, mask=m_m, other=-1) - col_offset
+    b_y = tl.where((b_y >= 0) & (b_y < N), b_y, -1).to(tl.int32)  # outside the block: no hit
     b_gp = tl.load(g_pos_ptr + o_m * stride_gp, mask=m_m, other=0.0).to(tl.float32)
     b_dscale = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if PRECISE:  # fp32: the sum of `dS * (q @ k.T)` cancels; its rows add up in float64
+        b_dscale = b_dscale.to(tl.float64)
     for start_n in range(col_lo, col_hi, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = o_n < col_hi
-        b_acc = qk_tile(  # [BLOCK_M, BLOCK_N], q @ k.T unscaled
-            q_ptr, k_ptr, o_m, o_n, m_m, m_n, D, stride_qm, stride_qd, stride_kn, stride_kd,
-            BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION,
+        b_acc = qk_tile(  # [BLOCK_M, BLOCK_N], q @ k.T unscaled (k's offsets in 64 bits)
+            q_ptr, k_ptr, o_i, o_n.to(tl.int64), m_m, m_n, D, stride_qm, stride_qd, stride_kn,
+            stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION,
         )
         b_s = scale_logits(b_acc, s, ROUNDED)
         b_ds = b_gr[:, None] * _softmax(b_s, b_rh[:, None], b_rl[:, None], PRECISE)
@@ -97,10 +105,15 @@ def _ds_kernel(
             b_ch, b_cl, b_gc = _stats(c_lse_ptr, g_col_ptr, stride_gc, o_n, m_n)  # [BLOCK_N]
             b_ds += b_gc[None, :] * _softmax(b_s, b_ch[None, :], b_cl[None, :], PRECISE)
         b_ds += tl.where(o_n[None, :] == b_y[:, None], b_gp[:, None], 0.0)
-        b_ds = tl.where(m_m[:, None] & m_n[None, :], b_ds, 0.0)  # [BLOCK_M, BLOCK_N]
-        b_dscale += tl.sum(b_ds * b_acc, axis=1)
-        p_ds = ds_ptr + o_m[:, None] * stride_dsm + o_n[None, :]
-        tl.store(p_ds, (b_ds * out).to(ds_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+        if not EVEN:
+            b_ds = tl.where(m_m[:, None] & m_n[None, :], b_ds, 0.0)  # [BLOCK_M, BLOCK_N]
+        b_dscale += tl.sum(b_ds * b_acc, axis=1).to(b_dscale.dtype)
+        p_ds = ds_ptr + o_i[:, None] * stride_dsm + o_n[None, :]
+        b_out = (b_ds * out).to(ds_ptr.dtype.element_ty)
+        if EVEN:
+            tl.store(p_ds, b_out)
+        else:
+            tl.store(p_ds, b_out, mask=m_m[:, None] & m_n[None, :])
     tl.store(dscale_ptr + pid_m * tl.num_programs(1) + pid_c, tl.sum(b_dscale))
 
 
@@ -135,6 +148,7 @@ def ds_bwd(
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), ds.stride(0),
             g_r.stride(0), g_c.stride(0), g_p.stride(0),
             BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
+            EVEN=ds.shape[0] % t.block_m == 0 and ds.shape[1] % t.block_n == 0,
             SYMMETRIC=symmetric, G_SCALED=g_max is not None,
             UPCAST=INTERPRET and q.dtype in (torch.float16, torch.bfloat16),
             IS_FP32=q.dtype == torch.float32, PRECISION=precision,

@@ -29,6 +29,7 @@ def _lse_fwd_kernel(
     M, N, D, col_offset, rows_per_part, cols_per_part,
     stride_qm, stride_qd, stride_kn, stride_kd,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN: tl.constexpr,  # M and N are multiples of the tile: no masks on the logits
     SYMMETRIC: tl.constexpr,  # also the column statistics, from the same tiles
     UPCAST: tl.constexpr,  # the interpreter computes low-precision dots wrongly: go through fp32
     IS_FP32: tl.constexpr,  # fp32 inputs take PRECISION (see configs.PRECISIONS); others ignore it
@@ -49,7 +50,9 @@ def _lse_fwd_kernel(
     for start_m in range(row_lo, row_hi, BLOCK_M):
         o_m = start_m + tl.arange(0, BLOCK_M)
         m_m = o_m < row_hi
-        b_y = tl.load(y_ptr + o_m, mask=m_m, other=-1) - col_offset  # [BLOCK_M]
+        # the positive's column inside this partition, in 32 bits (-1: not in it)
+        b_y = tl.load(y_ptr + o_m, mask=m_m, other=-1) - col_offset - col_lo  # [BLOCK_M]
+        b_y = tl.where((b_y >= 0) & (b_y < col_hi - col_lo), b_y, -1).to(tl.int32)
         b_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         b_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         b_pos = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -61,16 +64,19 @@ def _lse_fwd_kernel(
                 BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION,
             )
             # rows past the partition keep finite values here; columns past it are -inf
-            b_s = tl.where(m_n[None, :], scale_logits(b_acc, s, ROUNDED), float("-inf"))
+            b_s = scale_logits(b_acc, s, ROUNDED)
+            if not EVEN:
+                b_s = tl.where(m_n[None, :], b_s, float("-inf"))
             b_new = tl.maximum(b_max, tl.max(b_s, axis=1))
             # fp32: S - max first, exact near the max, so the sum keeps fp32's digits; bf16/fp16
             # lose nothing to a single FMA (its rounding is far below their input rounding)
             b_sum = b_sum * tl.exp2((b_max - b_new) * LOG2E) + tl.sum(
                 exp_of(b_s - b_new[:, None], IS_FP32), axis=1)
             b_max = b_new
-            b_pos += tl.sum(tl.where(o_n[None, :] == b_y[:, None], b_acc, 0.0), axis=1)
+            o_j = (start_n - col_lo).to(tl.int32) + tl.arange(0, BLOCK_N)  # in the partition
+            b_pos += tl.sum(tl.where(o_j[None, :] == b_y[:, None], b_acc, 0.0), axis=1)
             if SYMMETRIC:  # the same tile's columns, into this program's own column partials
-                b_sc = tl.where(m_m[:, None], b_s, float("-inf"))
+                b_sc = b_s if EVEN else tl.where(m_m[:, None], b_s, float("-inf"))
                 p_c = col_ptr + pid_p * N + o_n
                 m_old = m_n & (start_m > row_lo)  # nothing stored yet on the first row block
                 c_max = tl.load(p_c, mask=m_old, other=float("-inf"))
@@ -153,7 +159,8 @@ def lse_fwd(
         q, k, scale, labels.contiguous(), row_part, col_part,  # the kernel reads them densely
         m, n, d, col_offset, rows_per, cols_per,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d, SYMMETRIC=symmetric,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
+        EVEN=m % t.block_m == 0 and n % t.block_n == 0, SYMMETRIC=symmetric,
         UPCAST=INTERPRET and q.dtype in (torch.float16, torch.bfloat16),
         IS_FP32=q.dtype == torch.float32, PRECISION=precision,
         ROUNDED=configs.rounded_logits(q.dtype),

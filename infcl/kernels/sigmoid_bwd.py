@@ -16,10 +16,10 @@ import triton.language as tl
 from torch import Tensor
 
 from infcl.kernels import configs
-from infcl.kernels.configs import INTERPRET, Tile, bwd_tile
+from infcl.kernels.configs import INTERPRET, Tile, sigmoid_tile
 from infcl.kernels.logits import ds_gemms, exp_of, fp16_grad_scale, qk_tile
 from infcl.kernels.numerics import autocast_off
-from infcl.kernels.sigmoid_fwd import log1p_of
+from infcl.kernels.sigmoid_fwd import softplus_rows
 
 
 @triton.jit
@@ -29,53 +29,72 @@ def _sigmoid_ds_kernel(
     M, N, D, col_offset, cols_per_part,
     stride_qm, stride_qd, stride_kn, stride_kd, stride_dsm, stride_g,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN: tl.constexpr,  # M and N are multiples of the tile: no masks in the epilogue
     G_SCALED: tl.constexpr,  # fp16: dS is stored divided by the largest incoming gradient
     UPCAST: tl.constexpr,  # the interpreter computes low-precision dots wrongly: go through fp32
     IS_FP32: tl.constexpr,  # fp32 inputs take PRECISION (see configs.PRECISIONS); others ignore it
     PRECISION: tl.constexpr,
     WITH_LOSS: tl.constexpr,  # also the partial sums of the loss itself (the fused forward)
 ):
+    """Per tile, `u = dS / g_row = sigmoid(S) - onehot` (the incoming gradient is a row factor,
+    applied once per row to the partial sums and once per element to the store) and, WITH_LOSS,
+    the rows' `softplus(-z S)` (see `sigmoid_fwd.softplus_rows`)."""
     pid_m = tl.program_id(0).to(tl.int64)
-    pid_c = tl.program_id(1).to(tl.int64)
-    o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = o_m < M
+    pid_c = tl.program_id(1)
+    # 64-bit row bases; offsets inside the block (M, N <= BWD_BLOCK) in 32 bits
+    q_ptr += pid_m * BLOCK_M * stride_qm
+    ds_ptr += pid_m * BLOCK_M * stride_dsm
+    o_i = tl.arange(0, BLOCK_M)
+    m_m = o_i < M - pid_m * BLOCK_M
     col_lo = pid_c * cols_per_part
     col_hi = tl.minimum(col_lo + cols_per_part, N)
     s = tl.load(scale_ptr).to(tl.float32)
     b = tl.load(bias_ptr).to(tl.float32)
     out = s * tl.load(inv_g_ptr) if G_SCALED else s  # ds holds scale * dS (fp16: / g_max)
+    o_m = pid_m * BLOCK_M + o_i
     b_g = tl.load(g_row_ptr + o_m * stride_g, mask=m_m, other=0.0).to(tl.float32)  # [BLOCK_M]
-    b_y = tl.load(y_ptr + o_m, mask=m_m, other=-1) - col_offset
+    b_y = (tl.load(y_ptr + o_m, mask=m_m, other=-1) - col_offset).to(tl.int32)
+    b_y = tl.where((b_y >= 0) & (b_y < N), b_y, -1)  # a label outside the block hits nothing
+    b_out = b_g * out  # the store's row factor
     b_dscale = tl.zeros([BLOCK_M], dtype=tl.float32)
-    b_dbias = tl.zeros([BLOCK_M], dtype=tl.float32)
-    b_loss = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if IS_FP32:  # fp32: the partial sums' rows add up in float64 (dscale's terms cancel)
+        b_dscale = b_dscale.to(tl.float64)
+    b_dbias = tl.zeros([BLOCK_M], dtype=b_dscale.dtype)
+    b_loss = tl.zeros([BLOCK_M], dtype=b_dscale.dtype)
     for start_n in range(col_lo, col_hi, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = o_n < col_hi
-        b_acc = qk_tile(  # [BLOCK_M, BLOCK_N], q @ k.T unscaled
-            q_ptr, k_ptr, o_m, o_n, m_m, m_n, D, stride_qm, stride_qd, stride_kn, stride_kd,
+        b_acc = qk_tile(  # [BLOCK_M, BLOCK_N], q @ k.T unscaled (k's offsets in 64 bits)
+            q_ptr, k_ptr, o_i, o_n.to(tl.int64), m_m, m_n, D, stride_qm, stride_qd, stride_kn,
+            stride_kd,
             BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION,
         )
         b_s = b_acc * s + b
         b_e = exp_of(-tl.abs(b_s), IS_FP32)
-        b_u = 1.0 + b_e
-        b_r = 1.0 / b_u
-        b_big, b_small = b_r, b_e * b_r  # sigmoid(|S|), sigmoid(-|S|)
-        b_sig = tl.where(b_s >= 0, b_big, b_small)  # sigmoid(S)
-        b_sig_neg = tl.where(b_s >= 0, b_small, b_big)  # sigmoid(-S)
+        b_v = 1.0 + b_e
+        b_r = 1.0 / b_v  # sigmoid(|S|); sigmoid(-|S|) = e * r
         b_hit = o_n[None, :] == b_y[:, None]
-        b_ds = tl.where(b_hit, -b_sig_neg, b_sig) * b_g[:, None]
-        b_ds = tl.where(m_m[:, None] & m_n[None, :], b_ds, 0.0)  # [BLOCK_M, BLOCK_N]
-        if WITH_LOSS:  # softplus(-z S) = max(-z S, 0) + log1p(e), the forward kernel's terms
-            b_l = tl.maximum(tl.where(b_hit, -b_s, b_s), 0.0) + log1p_of(b_e, b_u)
-            b_loss += tl.sum(tl.where(m_m[:, None] & m_n[None, :], b_l, 0.0), axis=1)
-        b_dscale += tl.sum(b_ds * b_acc, axis=1)
-        b_dbias += tl.sum(b_ds, axis=1)
-        p_ds = ds_ptr + o_m[:, None] * stride_dsm + o_n[None, :]
-        tl.store(p_ds, (b_ds * out).to(ds_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+        # sigmoid(S) off the positive, -sigmoid(-S) on it: sigmoid(|S|) where the sign of S and
+        # the hit differ, else sigmoid(-|S|); negated on the positive
+        b_u = tl.where((b_s >= 0) != b_hit, b_r, b_e * b_r)
+        b_u = tl.where(b_hit, -b_u, b_u)
+        if not EVEN:
+            b_u = tl.where(m_m[:, None] & m_n[None, :], b_u, 0.0)  # [BLOCK_M, BLOCK_N]
+        if WITH_LOSS:
+            b_loss += softplus_rows(
+                tl.where(b_hit, -b_s, b_s), b_e, b_v, m_m, m_n, EVEN, IS_FP32
+            ).to(b_loss.dtype)
+        b_dscale += tl.sum(b_u * b_acc, axis=1).to(b_dscale.dtype)
+        b_dbias += tl.sum(b_u, axis=1).to(b_dbias.dtype)
+        p_ds = ds_ptr + o_i[:, None] * stride_dsm + o_n[None, :]
+        b_ds = (b_u * b_out[:, None]).to(ds_ptr.dtype.element_ty)
+        if EVEN:
+            tl.store(p_ds, b_ds)
+        else:
+            tl.store(p_ds, b_ds, mask=m_m[:, None] & m_n[None, :])
     o_part = pid_m * tl.num_programs(1) + pid_c
-    tl.store(dscale_ptr + o_part, tl.sum(b_dscale))
-    tl.store(dbias_ptr + o_part, tl.sum(b_dbias))
+    tl.store(dscale_ptr + o_part, tl.sum(b_dscale * b_g.to(b_dscale.dtype)))
+    tl.store(dbias_ptr + o_part, tl.sum(b_dbias * b_g.to(b_dbias.dtype)))
     if WITH_LOSS:
         tl.store(loss_ptr + o_part, tl.sum(b_loss))
 
@@ -94,7 +113,7 @@ def sigmoid_ds_bwd(
         return (*zeros, torch.zeros((), dtype=torch.float32, device=q.device))[: 4 + with_loss]
     g_max = fp16_grad_scale(q, g_row)
     y = labels.contiguous()
-    t = tile or bwd_tile(q.dtype)
+    t = tile or sigmoid_tile(q.dtype)
 
     def launch(rows, cols, ds, sums, grid, cols_per):
         _sigmoid_ds_kernel[grid](
@@ -102,7 +121,9 @@ def sigmoid_ds_bwd(
             g_row[rows], ds, sums[0], sums[1], sums[-1],
             ds.shape[0], ds.shape[1], d, col_offset + cols.start, cols_per,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), ds.stride(0), g_row.stride(0),
-            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d, G_SCALED=g_max is not None,
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
+            EVEN=ds.shape[0] % t.block_m == 0 and ds.shape[1] % t.block_n == 0,
+            G_SCALED=g_max is not None,
             UPCAST=INTERPRET and q.dtype in (torch.float16, torch.bfloat16),
             IS_FP32=q.dtype == torch.float32, PRECISION=precision, WITH_LOSS=with_loss,
             num_warps=t.num_warps, num_stages=t.num_stages,
