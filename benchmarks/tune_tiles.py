@@ -39,9 +39,8 @@ TILES = {
 PRECISION = "tf32"  # float32 dots: --precision (TF32 on the tensor cores unless told)
 BIAS = -10.0  # the sigmoid sweep's bias (SigLIP's initial value)
 SIGMOID_TILES = {  # ptxas -v (sm_90a): 64 x 128 x 64 with 4 warps spills 1.9 KB, with 8 warps 24 B
-    torch.bfloat16: [Tile(64, 128, 64, 4, 3), Tile(64, 128, 64, 8, 3), Tile(64, 128, 64, 8, 4),
-                     Tile(64, 128, 32, 8, 3), Tile(64, 64, 64, 4, 3), Tile(64, 64, 32, 4, 3),
-                     Tile(32, 128, 64, 4, 3), Tile(128, 128, 64, 8, 3)],
+    torch.bfloat16: [Tile(64, 64, 64, 4, 3), Tile(64, 64, 64, 4, 4), Tile(64, 128, 64, 8, 3),
+                     Tile(64, 128, 64, 8, 4), Tile(32, 128, 64, 4, 3), Tile(64, 64, 32, 4, 3)],
     torch.float32: [Tile(128, 128, 32, 8, 3), Tile(64, 128, 32, 8, 3), Tile(64, 64, 32, 4, 3)],
 }
 
@@ -106,7 +105,11 @@ def sweep_sigmoid(args: argparse.Namespace) -> None:
             for bp in (1, 2):
                 configs.BWD_PARTS = bp
                 label = f"sigmoid fused {harness.dname(dt):8s} {t} bwd_parts={bp}"
-                problems = sigmoid_off_spec(qc, kc, s, t)
+                try:
+                    problems = sigmoid_off_spec(qc, kc, s, t)
+                except Exception as e:  # a tile that does not compile is reported, not fatal
+                    print(f"{label}: NOT TIMED, {type(e).__name__}: {str(e)[:300]}")
+                    continue
                 if problems:
                     print(f"{label}: NOT TIMED, off the spec:\n  " + "\n  ".join(problems))
                     continue
