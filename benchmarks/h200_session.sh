@@ -27,11 +27,12 @@ for step in $STEPS; do
       timeout ${TUNE_S:-150} python3 benchmarks/tune_tiles.py --dtypes bfloat16 \
             --stage ${TUNE_STAGE:-both} $args > "$OUT/$step.txt" 2>&1; grep -v "^  " "$OUT/$step.txt" | tail -40 ;;
     bench|bench2) # bench2: a second set (SIZES2, METHODS2, D2, BIG2) in the same call
-      if [ $step = bench2 ]; then SIZES=${SIZES2:-$SIZES}; METHODS=${METHODS2:-$METHODS}; D=${D2:-512}; BIG=${BIG2:-}; fi
+      # copies: bench2's settings must not leak into a later bench step
+      sizes=${SIZES:-1024 2048 4096 8192 16384 65536} methods=${METHODS:-infcl_inf infcl_inf_1dir naive_loss naive_compiled}
+      d=${D:-512} big=${BIG:-}
+      if [ $step = bench2 ]; then sizes=${SIZES2:-$sizes}; methods=${METHODS2:-$methods}; d=${D2:-512}; big=${BIG2:-}; fi
       timeout ${BENCH_S:-240} python3 benchmarks/bench_loss.py --out "$OUT/$step" \
-             ${BIG:---no-big} --d ${D:-512} \
-             --sizes ${SIZES:-1024 2048 4096 8192 16384 65536} --dtypes ${DTYPES:-bfloat16} \
-             --methods ${METHODS:-infcl_inf infcl_inf_1dir naive_loss naive_compiled} \
+             ${big:---no-big} --d $d --sizes $sizes --dtypes ${DTYPES:-bfloat16} --methods $methods \
              > "$OUT/$step.txt" 2>&1; sed -n '/^wrote/,$p' "$OUT/$step.txt" ;;
     train) timeout ${TRAIN_S:-300} python3 benchmarks/bench_train.py --out "$OUT" ${TRAIN_ARGS:-} \
              > "$OUT/train.txt" 2>&1; sed -n '/^wrote/,$p' "$OUT/train.txt"; tail -3 "$OUT/train.txt" ;;
