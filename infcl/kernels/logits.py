@@ -70,6 +70,15 @@ def add_rn(a, b):
 
 
 @triton.jit
+def local_column(b_y, lo, n):
+    """Label columns `b_y` (int64) as 32-bit offsets from column `lo`, -1 where they fall outside
+    `[lo, lo + n)` (range-checked before the narrowing): tiles compare them with their own
+    32-bit column offsets."""
+    b_y = b_y - lo
+    return tl.where((b_y >= 0) & (b_y < n), b_y, -1).to(tl.int32)
+
+
+@triton.jit
 def _round_tf32(x):
     """fp32 -> the nearest TF32 value (ties away from zero), as cuBLAS rounds its TF32 inputs.
     `tl.dot(input_precision="tf32")` truncates instead, which biases every product low."""
@@ -161,8 +170,8 @@ def ds_gemms(
     """The backward's block loop, shared by the softmax and sigmoid losses: for each block of
     at most `BWD_BLOCK x BWD_BLOCK` logits, `launch(rows, cols, ds, sums, grid, cols_per_part)`
     runs a dS kernel that writes the block's `scale * dS` (fp16: divided by `g_max`) into `ds`
-    and per-program partial sums into the rows of `sums` [n_sums, programs] (float64); cuBLAS then takes
-    `ds @ k` and `ds.T @ q`. Returns dq, dk (input dtypes) and the fp32 totals [n_sums] of the
+    and per-program partial sums into the rows of `sums` [n_sums, programs] (float64); cuBLAS
+    then takes `ds @ k` and `ds.T @ q`. Returns dq, dk (input dtypes) and the fp32 totals [n_sums] of the
     partial sums. q and k are not empty.
 
     A loss of one block (M, N <= BWD_BLOCK) without fp16 scaling gets its gradients straight

@@ -24,6 +24,7 @@ from infcl.kernels.logits import (
     ds_gemms,
     exp_precise,
     fp16_grad_scale,
+    local_column,
     qk_tile,
     scale_logits,
 )
@@ -86,8 +87,7 @@ def _ds_kernel(
     s = tl.load(scale_ptr).to(tl.float32)
     out = s * tl.load(inv_g_ptr) if G_SCALED else s
     b_rh, b_rl, b_gr = _stats(r_lse_ptr, g_row_ptr, stride_gr, o_m, m_m)  # [BLOCK_M]
-    b_y = tl.load(y_ptr + o_m, mask=m_m, other=-1) - col_offset
-    b_y = tl.where((b_y >= 0) & (b_y < N), b_y, -1).to(tl.int32)  # outside the block: no hit
+    b_y = local_column(tl.load(y_ptr + o_m, mask=m_m, other=-1), col_offset, N)
     b_gp = tl.load(g_pos_ptr + o_m * stride_gp, mask=m_m, other=0.0).to(tl.float32)
     b_dscale = tl.zeros([BLOCK_M], dtype=tl.float32)
     if PRECISE:  # fp32: the sum of `dS * (q @ k.T)` cancels; its rows add up in float64

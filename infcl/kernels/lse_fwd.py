@@ -19,7 +19,7 @@ from torch import Tensor
 
 from infcl.kernels import configs
 from infcl.kernels.configs import INTERPRET, Tile, fwd_tile, split
-from infcl.kernels.logits import LOG2E, exp_of, qk_tile, scale_logits
+from infcl.kernels.logits import LOG2E, exp_of, local_column, qk_tile, scale_logits
 from infcl.kernels.numerics import LSE_DTYPE, autocast_off
 
 
@@ -50,9 +50,8 @@ def _lse_fwd_kernel(
     for start_m in range(row_lo, row_hi, BLOCK_M):
         o_m = start_m + tl.arange(0, BLOCK_M)
         m_m = o_m < row_hi
-        # the positive's column inside this partition, in 32 bits (-1: not in it)
-        b_y = tl.load(y_ptr + o_m, mask=m_m, other=-1) - col_offset - col_lo  # [BLOCK_M]
-        b_y = tl.where((b_y >= 0) & (b_y < col_hi - col_lo), b_y, -1).to(tl.int32)
+        b_y = local_column(  # the positive's column inside this partition [BLOCK_M]
+            tl.load(y_ptr + o_m, mask=m_m, other=-1), col_offset + col_lo, col_hi - col_lo)
         b_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         b_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         b_pos = tl.zeros([BLOCK_M], dtype=tl.float32)

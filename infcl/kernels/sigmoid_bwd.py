@@ -17,7 +17,7 @@ from torch import Tensor
 
 from infcl.kernels import configs
 from infcl.kernels.configs import INTERPRET, Tile, sigmoid_tile
-from infcl.kernels.logits import ds_gemms, exp_of, fp16_grad_scale, qk_tile
+from infcl.kernels.logits import ds_gemms, exp_of, fp16_grad_scale, local_column, qk_tile
 from infcl.kernels.numerics import autocast_off
 from infcl.kernels.sigmoid_fwd import softplus_rows
 
@@ -45,16 +45,15 @@ def _sigmoid_ds_kernel(
     q_ptr += pid_m * BLOCK_M * stride_qm
     ds_ptr += pid_m * BLOCK_M * stride_dsm
     o_i = tl.arange(0, BLOCK_M)
-    m_m = o_i < M - pid_m * BLOCK_M
+    o_m = pid_m * BLOCK_M + o_i
+    m_m = o_m < M
     col_lo = pid_c * cols_per_part
     col_hi = tl.minimum(col_lo + cols_per_part, N)
     s = tl.load(scale_ptr).to(tl.float32)
     b = tl.load(bias_ptr).to(tl.float32)
     out = s * tl.load(inv_g_ptr) if G_SCALED else s  # ds holds scale * dS (fp16: / g_max)
-    o_m = pid_m * BLOCK_M + o_i
     b_g = tl.load(g_row_ptr + o_m * stride_g, mask=m_m, other=0.0).to(tl.float32)  # [BLOCK_M]
-    b_y = (tl.load(y_ptr + o_m, mask=m_m, other=-1) - col_offset).to(tl.int32)
-    b_y = tl.where((b_y >= 0) & (b_y < N), b_y, -1)  # a label outside the block hits nothing
+    b_y = local_column(tl.load(y_ptr + o_m, mask=m_m, other=-1), col_offset, N)
     b_out = b_g * out  # the store's row factor
     b_dscale = tl.zeros([BLOCK_M], dtype=tl.float32)
     if IS_FP32:  # fp32: the partial sums' rows add up in float64 (dscale's terms cancel)
@@ -66,8 +65,7 @@ def _sigmoid_ds_kernel(
         m_n = o_n < col_hi
         b_acc = qk_tile(  # [BLOCK_M, BLOCK_N], q @ k.T unscaled (k's offsets in 64 bits)
             q_ptr, k_ptr, o_i, o_n.to(tl.int64), m_m, m_n, D, stride_qm, stride_qd, stride_kn,
-            stride_kd,
-            BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION,
+            stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION,
         )
         b_s = b_acc * s + b
         b_e = exp_of(-tl.abs(b_s), IS_FP32)
