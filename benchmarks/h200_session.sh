@@ -40,6 +40,10 @@ for step in $STEPS; do
       for item in ${PROFILES:-2048:512:clip 8192:512:clip}; do IFS=: read -r b d l <<< "$item"
         timeout 90 python3 benchmarks/profile_small.py --b $b --d $d --loss $l --steps ${PROFILE_STEPS:-20} \
                > "$OUT/profile_${b}_${d}_$l.txt" 2>&1; grep "^B=" "$OUT/profile_${b}_${d}_$l.txt"; done ;;
+    host) # HOST_ARGS items B:D:profile (profile clip, siglip or none)
+      for item in ${HOST_ARGS:-256:64:clip 4096:512:siglip}; do IFS=: read -r b d l <<< "$item"
+        timeout 120 python3 benchmarks/host_time.py --b $b --d $d --profile $l \
+               > "$OUT/host_${b}_${d}.txt" 2>&1; grep " us " "$OUT/host_${b}_${d}.txt"; done ;;
     *) echo "unknown step $step" ;;
   esac
   echo "== $step took $(( $(date +%s) - t0 )) s"
