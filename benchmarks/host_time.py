@@ -46,6 +46,71 @@ _nop_op.register_autograd(lambda ctx, a, b: (a, b, None, None),
                           setup_context=lambda ctx, inputs, output: None)
 
 
+class _NopFunction(torch.autograd.Function):
+    """A plain autograd.Function, for the cost of one against a custom op's autograd."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        return torch.empty_like(x), torch.empty_like(y)
+
+    @staticmethod
+    def backward(ctx, a, b):
+        return a, b
+
+
+def phases_us(fn: Callable[[], torch.Tensor], device: torch.device, n: int = 300) -> tuple[float, float]:
+    """Host microseconds of the forward and of the backward of a step, each timed on its own
+    (no synchronisation between them: at small B the GPU keeps up, the host is the cost)."""
+    fwd = bwd = 0.0
+    for i in range(n + 20):
+        t0 = time.perf_counter()
+        out = fn()
+        t1 = time.perf_counter()
+        out.backward()
+        t2 = time.perf_counter()
+        if i >= 20:
+            fwd, bwd = fwd + t1 - t0, bwd + t2 - t1
+    harness.sync(device)
+    return fwd / n * 1e6, bwd / n * 1e6
+
+
+def pieces(q, k, s, dev) -> list[tuple[str, float]]:
+    """The inside of the Triton path's calls, one layer at a time (CUDA only)."""
+    from infcl.kernels import lse_bwd, lse_fwd, sigmoid_bwd
+    b = torch.tensor(-10.0, device=dev)
+    y = torch.arange(q.shape[0], device=dev)
+    qd, kd, sd = q.detach(), k.detach(), s.detach()
+    m = q.shape[0]
+    g = torch.full((1,), 1.0 / m, device=dev).expand(m)
+    row, col, pos = lse_fwd.lse_fwd(qd, kd, sd, y, 0, True, "default")
+    rows = []
+    rows.append(("  lse_fwd (launcher, 2 kernels)", per_call_us(
+        lambda: lse_fwd.lse_fwd(qd, kd, sd, y, 0, True, "default"), dev)))
+    rows.append(("  infcl::inf_fwd op, no grad", per_call_us(
+        lambda: torch.ops.infcl.inf_fwd(qd, kd, sd, y, 0, True, 0, "default"), dev)))
+    rows.append(("  ds_bwd (launcher: dS kernel, 2 GEMMs)", per_call_us(
+        lambda: lse_bwd.ds_bwd(qd, kd, sd, y, 0, row, col, g, g, g, "default"), dev)))
+    rows.append(("  infcl::inf_bwd op", per_call_us(
+        lambda: torch.ops.infcl.inf_bwd(qd, kd, sd, y, 0, row, col, g, g, g, 0, "default"), dev)))
+    r2, c2, p2 = (t.clone().requires_grad_() for t in (row, col, pos))
+    for name, sym in (("symmetric", True), ("one direction", False)):
+        f, bw = phases_us(lambda sym=sym: ops.assemble(r2, c2, p2, None, sym, "mean"), dev)
+        rows.append((f"  assemble {name}: forward", f))
+        rows.append((f"  assemble {name}: backward", bw))
+    f, bw = phases_us(lambda: ops.loss(q, k, s, None, True, "mean", -100, block="inf"), dev)
+    rows.append(("  ops.loss symmetric: forward", f))
+    rows.append(("  ops.loss symmetric: backward", bw))
+    rows.append(("  sigmoid_ds_bwd with loss (launcher)", per_call_us(
+        lambda: sigmoid_bwd.sigmoid_ds_bwd(qd, kd, sd, b, y, 0, g, "default", with_loss=True), dev)))
+    rows.append(("  infcl::inf_sigmoid_fused op", per_call_us(
+        lambda: torch.ops.infcl.inf_sigmoid_fused(qd, kd, sd, b, y, True, "default"), dev)))
+    rows.append(("  infcl::scaled op", per_call_us(lambda: torch.ops.infcl.scaled(qd, sd), dev)))
+    f, bw = phases_us(lambda: ops.sigmoid_loss(q, k, s, -10.0, None, "mean", block="inf"), dev)
+    rows.append(("  ops.sigmoid_loss: forward", f))
+    rows.append(("  ops.sigmoid_loss: backward", bw))
+    return rows
+
+
 def per_call_us(fn: Callable[[], object], device: torch.device, n: int = 300) -> float:
     """Median over 5 rounds of the wall time per call of `fn`, synchronising once per round."""
     for _ in range(20):
@@ -116,6 +181,10 @@ def main() -> None:
     rows.append(("custom op, no grad", per_call_us(lambda: _nop_op(x, x, 3, True), dev)))
     rows.append(("custom op with autograd, fwd+bwd", per_call_us(
         lambda: sum(_nop_op(a, a, 3, True)).sum().backward(), dev)))
+    rows.append(("autograd.Function, fwd+bwd", per_call_us(
+        lambda: sum(_NopFunction.apply(a, a)).sum().backward(), dev)))
+    if dev.type == "cuda":
+        rows += pieces(q, k, s, dev)
     rows.append(("torch.empty", per_call_us(lambda: torch.empty(64, device=dev), dev)))
     rows.append(("torch.full", per_call_us(lambda: torch.full((), 2.0, device=dev), dev)))
     rows.append(("x + 1", per_call_us(lambda: x + 1, dev)))

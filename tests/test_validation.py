@@ -236,3 +236,28 @@ def test_int64_min_is_a_label_out_of_range(fn):
     labels = torch.tensor([0, 1, 2, -(1 << 63)])
     with pytest.raises(ValueError, match="labels must lie in"):
         fn(q0, k0, 2.0, 1.0, labels=labels)
+
+
+def test_typecheck_runs_once_per_signature_and_again_for_a_new_one():
+    """beartype runs on a signature's first call only; a call that differs in a type, dtype or
+    rank is checked again (and rejected when the annotations say so)."""
+    from jaxtyping import Float
+
+    from infcl._typing import typechecked
+
+    calls = []
+
+    @typechecked
+    def f(x: Float[torch.Tensor, " n"], out_rank: int) -> Float[torch.Tensor, ""]:
+        calls.append(out_rank)
+        return x.sum() if out_rank == 0 else x
+
+    f(torch.ones(3), 0)
+    f(torch.ones(5), 0)  # the same signature: not checked again, still run
+    assert calls == [0, 0]
+    with pytest.raises(TypeError):
+        f(torch.ones(3, dtype=torch.int64), 0)  # a new dtype: checked, and rejected
+    with pytest.raises(TypeError):
+        f(torch.ones(2, 2), 0)  # a new rank: checked, and rejected
+    with pytest.raises(TypeError):
+        f(torch.ones(3).double(), 1)  # a new signature whose result breaks the annotation

@@ -95,12 +95,13 @@ def sigmoid_tile(dtype: torch.dtype) -> Tile:
     "sum"). Its epilogue is longer than the softmax one's: at 64 x 128 with 4 warps ptxas spills
     1.9 KB per thread (H200, B = 65536, D = 512, bf16: 67.7 ms for the fused kernel and its
     GEMMs against 42.6 ms at 64 x 64 x 64, 4 warps; after the epilogue's rewrite 34.9 ms with
-    4 stages, 35.9 with 3; benchmarks/NOTES.md)."""
+    4 stages, 35.9 with 3; a D chunk of 128 with 3 stages: 34.0 against 35.3 in one run;
+    benchmarks/NOTES.md)."""
     if INTERPRET:
         return INTERPRET_TILE
     if dtype == torch.float32:
         return bwd_tile(dtype)
-    return Tile(64, 64, 64, 4, 4)
+    return Tile(64, 64, 128, 4, 3)
 
 
 PARTS = 16
