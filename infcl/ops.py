@@ -22,19 +22,28 @@ prologue (scale, targets), one call into a block or the ring, and epilogue (`ass
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from infcl.dist.ring import NO_IGNORE, group_size, ring_fwd, ring_sigmoid_fwd
 from infcl.kernels.numerics import LSE_DTYPE, acc_dtype, autocast_off, split_lse
 
 try:
     from infcl.kernels.configs import INTERPRET
-    from infcl.kernels.lse_bwd import inf_bwd
-    from infcl.kernels.lse_fwd import inf_fwd
-    from infcl.kernels.sigmoid_bwd import inf_sigmoid_bwd, inf_sigmoid_fused, scaled  # noqa: F401
+    from infcl.kernels.lse_bwd import ds_bwd, inf_bwd
+    from infcl.kernels.lse_fwd import inf_fwd, lse_fwd
+    from infcl.kernels.sigmoid_bwd import (  # noqa: F401
+        inf_sigmoid_bwd,
+        inf_sigmoid_fused,
+        scale_,
+        scaled,
+        sigmoid_ds_bwd,
+    )
     from infcl.kernels.sigmoid_fwd import inf_sigmoid_fwd
 
     HAS_TRITON = True
@@ -190,12 +199,9 @@ if HAS_TRITON:
     _register_block_autograd(inf_fwd, inf_bwd)
 
 
-@torch.library.custom_op("infcl::targets", mutates_args=())
-def targets(labels: Tensor, n: int, ignore_index: int) -> Tensor:
-    """`labels` as int64 column indices, after checking that each lies in [0, n) or is ignored.
-
-    An op, so that the check on the labels' values runs when a compiled graph runs too.
-    """
+def check_targets(labels: Tensor, n: int, ignore_index: int) -> Tensor:
+    """`labels` as int64 column indices, after checking that each lies in [0, n) or is ignored
+    (the body of `infcl::targets`, which eager calls straight)."""
     y = labels.to(torch.long, copy=True)  # a fresh tensor: an op's output may not alias its input
     bad = (y < 0) | (y >= n)
     if ignore_index != NO_IGNORE:  # the sentinel is not a value to skip, not even -2**63
@@ -209,6 +215,13 @@ def targets(labels: Tensor, n: int, ignore_index: int) -> Tensor:
         allowed = "" if ignore_index == NO_IGNORE else f" or equal ignore_index={ignore_index}"
         raise ValueError(f"labels must lie in [0, {n}){allowed}; got {y[bad][:5].tolist()}")
     return y
+
+
+@torch.library.custom_op("infcl::targets", mutates_args=())
+def targets(labels: Tensor, n: int, ignore_index: int) -> Tensor:
+    """`check_targets` as an op, so that the check on the labels' values runs when a compiled
+    graph runs too."""
+    return check_targets(labels, n, ignore_index)
 
 
 @targets.register_fake
@@ -278,11 +291,15 @@ def loss(
             precision,
         )
     else:
+        eager = _eager(q, k, s)
         if labels is None:
             y, valid = torch.arange(q.shape[0], device=q.device), None
         else:
-            y = targets(labels, k.shape[0], ignore_index)
+            y = (check_targets if eager else targets)(labels, k.shape[0], ignore_index)
             valid = y != ignore_index
+        if eager and _held(block, reduction, q, k, s):
+            sweep = _softmax_sweep(q, k, s, y, valid, symmetric, reduction, precision)
+            return _Held.apply(sweep, q, k, s)
         fwd = getattr(torch.ops.infcl, f"{block}_fwd")
         row, col, pos = fwd(q, k, s, y, 0, symmetric, chunk_size, precision)
     return assemble(row, col, pos, valid, symmetric, reduction)
@@ -383,13 +400,18 @@ if HAS_TRITON:
     _register_sigmoid_autograd(inf_sigmoid_fwd, inf_sigmoid_bwd)
 
 
+NOT_TWICE = (
+    "{name} cannot differentiate its gradients (create_graph=True): its 'mean' and 'sum' "
+    "losses form them in the forward; use reduction='none' and reduce it yourself for "
+    "higher-order gradients of the loss")
+
+
 class _FusedSigmoid(torch.autograd.Function):
-    """The "mean"/"sum" sigmoid loss of `infcl::inf_sigmoid_fused`: the gradients are formed
-    with the loss, in one sweep over the tiles instead of two, and the backward scales them by
-    the incoming gradient (in fp32, rounded once: `infcl::scaled`). They are held from the
-    forward to the backward, so the backward's peak holds them twice (held and scaled). Not
-    twice differentiable: `create_graph=True` raises instead of dropping the second-order
-    terms."""
+    """The "mean"/"sum" sigmoid loss of `infcl::inf_sigmoid_fused` under `torch.compile`: the
+    gradients are formed with the loss, in one sweep over the tiles instead of two, and the
+    backward scales them by the incoming gradient (in fp32, rounded once: `infcl::scaled`).
+    Not twice differentiable: `create_graph=True` raises instead of dropping the second-order
+    terms. Eager mode takes `_Held` instead."""
 
     @staticmethod
     def forward(ctx, q, k, s, b, y, mean, precision):
@@ -400,23 +422,108 @@ class _FusedSigmoid(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         if torch.is_grad_enabled():  # create_graph=True: the held gradients carry no graph
-            raise RuntimeError(
-                "inf_sigmoid_loss cannot differentiate its gradients (create_graph=True): its "
-                "'mean' and 'sum' losses form them in the forward; use reduction='none' and "
-                "reduce it yourself for higher-order gradients of the loss")
+            raise RuntimeError(NOT_TWICE.format(name="inf_sigmoid_loss"))
         dq, dk, ds, db = ctx.saved_tensors
         scaled = torch.ops.infcl.scaled
         return scaled(dq, g), scaled(dk, g), g * ds, g * db, None, None, None
 
 
-def _fused_sigmoid(block: str, reduction: str, *tensors: Tensor) -> bool:
-    """Whether the sigmoid loss on this device takes `_FusedSigmoid`: Triton tiles, a scalar
-    loss, a gradient wanted (without one the forward alone is a third of the work), and bf16 or
-    fp32 features. fp16 keeps two sweeps: gradients formed for an incoming gradient of 1 would
-    sit in fp16's subnormals and overflow under a loss scale, where the two-sweep backward
-    scales dS by the real incoming gradient first."""
+Sweep = Callable[[Tensor | None], tuple[Tensor, tuple[Tensor, ...]]]
+
+
+class _Held(torch.autograd.Function):
+    """A "mean" or "sum" loss in eager mode whose gradients come from the same sweep as the loss
+    (`sweep(None)`: the loss and the gradients for an incoming gradient of 1, one per input).
+
+    The backward scales the held gradients in place by the incoming gradient (fp32, rounded
+    once) and lets them go, so that autograd takes them as the inputs' `.grad` without a copy:
+    the gradients are never held twice. A second backward over a retained graph finds them
+    gone and sweeps again for its own incoming gradient (`sweep(g)`). The launchers are called
+    straight, not through the dispatcher: at small B the dispatcher and the autograd glue of
+    the ops cost more host time than the kernels take (compiled graphs use the ops)."""
+
+    @staticmethod
+    def forward(ctx, sweep: Sweep, *inputs: Tensor) -> Tensor:
+        loss, ctx.held = sweep(None)
+        ctx.sweep = sweep
+        return loss
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: the held gradients carry no graph
+            raise RuntimeError(NOT_TWICE.format(name="this loss"))
+        held, ctx.held = ctx.held, None
+        if held is None:  # a retained graph, backward again
+            return (None, *ctx.sweep(g)[1])
+        return (None, *(scale_(x, g) if x.ndim else x * g for x in held))
+
+
+def _eager(*tensors: Tensor) -> bool:
+    """Whether a call may run the launchers without the dispatcher: eager mode (not traced by
+    `torch.compile`), no dispatch mode active (fake tensors, op logs) and plain tensors."""
+    return (not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode()
+            and all(type(t) in (Tensor, torch.nn.Parameter) for t in tensors))
+
+
+def _held(block: str, reduction: str, *tensors: Tensor) -> bool:
+    """Whether a loss on this device forms its gradients with the loss (`_Held`, or under
+    compile the sigmoid's `_FusedSigmoid`): Triton tiles, a scalar loss, a gradient wanted
+    (without one the forward alone is a third of the work), and bf16 or fp32 features. fp16
+    keeps two sweeps: gradients formed for an incoming gradient of 1 would sit in fp16's
+    subnormals and overflow under a loss scale, where the two-sweep backward scales dS by the
+    real incoming gradient first."""
     return (block == "inf" and reduction != "none" and tensors[0].dtype != torch.float16
             and torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def _row_weight(g: Tensor | None, w: float | Tensor, m: int, device: torch.device) -> Tensor:
+    """The row gradient [m] `g * w` of a loss whose rows weigh `w` (a number: a stride-0 view
+    of one element; a tensor [m]), for an incoming gradient g (None: 1)."""
+    if isinstance(w, Tensor):
+        return w if g is None else w * g
+    one = torch.full((1,), w, dtype=torch.float32, device=device)
+    return (one if g is None else one * g).expand(m)
+
+
+def _softmax_sweep(
+    q: Tensor, k: Tensor, s: Tensor, y: Tensor, valid: Tensor | None, symmetric: bool,
+    reduction: str, precision: str,
+) -> Sweep:
+    """The softmax loss and its dq, dk, dscale from the Triton launchers: the statistics, then
+    the backward's dS and GEMMs for the loss's own row weights (times g when given)."""
+    m, dev = q.shape[0], q.device
+    unit = 1.0 / m if reduction == "mean" else 1.0
+
+    @autocast_off
+    def sweep(q: Tensor, g: Tensor | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+        row, col, pos = lse_fwd(q, k, s, y, 0, symmetric, precision)
+        w: float | Tensor = 0.5 * unit if symmetric else unit
+        if valid is not None:  # labels: the ignored rows weigh nothing and leave the count
+            w = valid.float() / valid.sum() if reduction == "mean" else valid.float()
+        g_row = _row_weight(g, w, m, dev)
+        g_pos = _row_weight(g, -2 * w if symmetric else -w, m, dev)
+        g_col = g_row if symmetric else col  # col is empty unless symmetric
+        dq, dk, dscale = ds_bwd(q, k, s, y, 0, row, col, g_row, g_col, g_pos, precision)
+        return assemble(row, col, pos, valid, symmetric, reduction), (dq, dk, dscale)
+
+    return lambda g: sweep(q, g)
+
+
+def _sigmoid_sweep(
+    q: Tensor, k: Tensor, s: Tensor, b: Tensor, y: Tensor, reduction: str, precision: str,
+) -> Sweep:
+    """The sigmoid loss and its dq, dk, dscale, dbias from one sweep of the Triton launcher."""
+    m, dev = q.shape[0], q.device
+    unit = 1.0 / m if reduction == "mean" else 1.0
+
+    @autocast_off
+    def sweep(q: Tensor, g: Tensor | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+        *grads, total = sigmoid_ds_bwd(
+            q, k, s, b, y, 0, _row_weight(g, unit, m, dev), precision, with_loss=True
+        )
+        return (total / m if reduction == "mean" else total), tuple(grads)
+
+    return lambda g: sweep(q, g)
 
 
 def sigmoid_loss(
@@ -435,11 +542,14 @@ def sigmoid_loss(
             q, k, s, b, y, diagonal, group.group_name, block, chunk_size, precision
         )
     else:
+        eager = _eager(q, k, s, b)
         if labels is None:
             y = torch.arange(q.shape[0], device=q.device)
         else:
-            y = targets(labels, k.shape[0], NO_IGNORE)
-        if _fused_sigmoid(block, reduction, q, k, s, b):
+            y = (check_targets if eager else targets)(labels, k.shape[0], NO_IGNORE)
+        if _held(block, reduction, q, k, s, b):
+            if eager:
+                return _Held.apply(_sigmoid_sweep(q, k, s, b, y, reduction, precision), q, k, s, b)
             return _FusedSigmoid.apply(q, k, s, b, y, reduction == "mean", precision)
         fwd = getattr(torch.ops.infcl, f"{block}_sigmoid_fwd")
         per = fwd(q, k, s, b, y, 0, chunk_size, precision)

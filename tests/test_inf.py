@@ -115,6 +115,88 @@ def test_symmetric_pays_once_and_keeps_low_precision(small_blocks):
     assert q.grad.dtype == k.grad.dtype == torch.bfloat16
 
 
+HELD_CASES = {
+    "symmetric": lambda q, k, s: infcl.inf_loss(q, k, s, symmetric=True),
+    "one direction, sum": lambda q, k, s: infcl.inf_loss(q, k, s, reduction="sum"),
+    "labels with ignored rows": lambda q, k, s: infcl.inf_loss(
+        q, k, s, labels=torch.tensor([3, -100, 40, 0] * 9 + [-100], device=q.device)),
+    "sigmoid": lambda q, k, s: infcl.inf_sigmoid_loss(q, k, s, -5.0),
+    "sigmoid, sum": lambda q, k, s: infcl.inf_sigmoid_loss(q, k, s, -5.0, reduction="sum"),
+}
+
+
+def held_gradients_agree(fn, q, k, s) -> None:
+    """The eager "mean"/"sum" path (`ops._Held`: the gradients formed with the loss, the
+    launchers called straight) against the ops' path (taken under a dispatch mode): the same
+    loss and gradients; the held gradients become `.grad` without a copy; a retained graph's
+    second backward sweeps again for its own incoming gradient."""
+    def leaves():
+        return [x.detach().clone().requires_grad_() for x in (q, k, s)]
+
+    eager = leaves()
+    loss = fn(*eager)
+    assert type(loss.grad_fn).__name__ == "_HeldBackward", loss.grad_fn
+    held = [x.data_ptr() for x in loss.grad_fn.held[:2]]
+    loss.backward()
+    assert [eager[0].grad.data_ptr(), eager[1].grad.data_ptr()] == held  # taken, not copied
+    ops_path = leaves()
+    with OpLog() as log:
+        loss_ops = fn(*ops_path)
+        loss_ops.backward()
+    assert log.names and all(not n.startswith("_") for n in log.names)
+    torch.testing.assert_close(loss.detach(), loss_ops.detach(), rtol=1e-6, atol=0)
+    for a, b in zip(eager, ops_path, strict=True):  # the same kernels and row weights
+        rtol = 2**-8 if a.dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=1e-7)
+    again = leaves()
+    loss = fn(*again)
+    once = torch.autograd.grad(loss, again, retain_graph=True)
+    (2.5 * loss).backward(retain_graph=True)
+    loss.backward()
+    for g1, leaf in zip(once, again, strict=True):
+        # another sweep: the GEMMs round dS * 2.5 afresh (bf16: a new rounding of dS)
+        tol = (2**-7 if g1.dtype == torch.bfloat16 else 1e-5) * float(g1.abs().max())
+        torch.testing.assert_close(leaf.grad, 3.5 * g1, rtol=1e-5, atol=tol)
+    with pytest.raises(RuntimeError, match="cannot differentiate its gradients"):
+        fresh = leaves()
+        torch.autograd.grad(fn(*fresh), fresh[0], create_graph=True)
+
+
+@interpret
+@needs_interpret
+@pytest.mark.parametrize("case", HELD_CASES)
+def test_eager_held_gradients_interpreted(small_blocks, case):
+    gen = torch.Generator().manual_seed(5)
+    q, k = torch.randn(37, 21, generator=gen), torch.randn(41 if "labels" in case else 37, 21,
+                                                           generator=gen)
+    held_gradients_agree(HELD_CASES[case], q, k, torch.tensor(4.0))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("case", HELD_CASES)
+def test_eager_held_gradients_cuda(case):
+    """As the interpreted test, with the real tiles in bf16, and the backward's peak: the held
+    gradients are scaled in place and handed over, never copied."""
+    gen = torch.Generator().manual_seed(6)
+    m, n, d = 4099, 4103 if "labels" in case else 4099, 384
+    q = torch.randn(m, d, generator=gen).cuda().bfloat16()
+    k = torch.randn(n, d, generator=gen).cuda().bfloat16()
+    fn = HELD_CASES[case]
+    if "labels" in case:
+        labels = torch.tensor([3, -100, 40, 0] * (m // 4) + [-100] * (m % 4), device="cuda")
+        fn = lambda q, k, s: infcl.inf_loss(q, k, s, labels=labels)  # noqa: E731
+    held_gradients_agree(fn, q, k, torch.tensor(10.0, device="cuda"))
+    q, k = q.clone().requires_grad_(), k.clone().requires_grad_()
+    loss = fn(q, k, torch.tensor(10.0, device="cuda"))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loss.backward()
+    grads = (m + n) * d * 2
+    assert torch.cuda.max_memory_allocated() - before < grads // 8, "held gradients copied"
+
+
 @interpret
 @needs_interpret
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

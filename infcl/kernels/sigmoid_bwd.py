@@ -180,6 +180,19 @@ def _scaled_kernel(x_ptr, g_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + o, (x * g).to(out_ptr.dtype.element_ty), mask=m)  # to nearest (GPU)
 
 
+def scale_(x: Tensor, g: Tensor) -> Tensor:
+    """`x *= g` in place for a contiguous x and a 0-dim `g`, as `scaled` multiplies (in fp32,
+    rounded once); eager mode's held gradients (`ops._Held`). Returns x (a new tensor if x is
+    not contiguous)."""
+    if not x.is_contiguous():
+        return scaled(x, g)
+    n = x.numel()
+    if n:
+        block = 1024
+        _scaled_kernel[(triton.cdiv(n, block),)](x, g, x, n, BLOCK=block)
+    return x
+
+
 @torch.library.custom_op("infcl::scaled", mutates_args=())
 @autocast_off
 def scaled(x: Tensor, g: Tensor) -> Tensor:
