@@ -160,6 +160,11 @@ def _total(sums: Tensor) -> Tensor:
     return sums.sum(dim=(1, 2)).float()
 
 
+def part(x: Tensor, rows: slice) -> Tensor:
+    """`x[rows]`, or x itself when the slice covers it (a view costs host time at small B)."""
+    return x if rows.start == 0 and rows.stop >= x.shape[0] else x[rows]
+
+
 LaunchDS = Callable[[slice, slice, Tensor, list[Tensor], tuple[int, int], int], None]
 
 
@@ -188,10 +193,12 @@ def ds_gemms(
     n_parts, _ = configs.split(min(n, blk), tile.block_n, configs.BWD_PARTS)
     per_block = triton.cdiv(min(m, blk), tile.block_m) * n_parts
     # float64 partial sums: the fp32 kernels (PRECISE) accumulate them in float64
-    sums = torch.zeros((n_sums, len(row_blocks) * len(col_blocks), per_block),
-                       dtype=torch.float64, device=q.device)
-    ds_buf = torch.empty((min(m, blk), min(n, blk)), dtype=ds_dtype, device=q.device)
     one_block = len(row_blocks) == len(col_blocks) == 1 and g_max is None
+    # one block's programs write every slot; smaller edge blocks leave some, which must be 0
+    sums = (torch.empty if len(row_blocks) == len(col_blocks) == 1 else torch.zeros)(
+        (n_sums, len(row_blocks) * len(col_blocks), per_block), dtype=torch.float64,
+        device=q.device)
+    ds_buf = torch.empty((min(m, blk), min(n, blk)), dtype=ds_dtype, device=q.device)
     two_sweeps = not one_block and n * d * 4 > configs.ACC_BYTES_MAX
 
     def block(rows: slice, cols: slice, out: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ from infcl.kernels.logits import (
     exp_precise,
     fp16_grad_scale,
     local_column,
+    part,
     qk_tile,
     scale_logits,
 )
@@ -139,10 +140,10 @@ def ds_bwd(
     def launch(rows, cols, ds, sums, grid, cols_per):
         c_rows = cols if symmetric else slice(None)
         # autograd hands in expanded (stride-0) gradients: the kernel reads them by stride
-        g_r, g_c, g_p = g_row[rows], g_col[c_rows], g_pos[rows]
+        g_r, g_c, g_p = part(g_row, rows), part(g_col, c_rows), part(g_pos, rows)
         _ds_kernel[grid](
-            q[rows], k[cols], scale, scale if g_max is None else 1.0 / g_max, y[rows],
-            row_lse[rows], col_lse[c_rows], g_r, g_c, g_p,
+            part(q, rows), part(k, cols), scale, scale if g_max is None else 1.0 / g_max,
+            part(y, rows), part(row_lse, rows), part(col_lse, c_rows), g_r, g_c, g_p,
             ds, sums[0],
             ds.shape[0], ds.shape[1], d, col_offset + cols.start, cols_per,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), ds.stride(0),

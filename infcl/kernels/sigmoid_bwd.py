@@ -17,7 +17,7 @@ from torch import Tensor
 
 from infcl.kernels import configs
 from infcl.kernels.configs import INTERPRET, Tile, sigmoid_tile
-from infcl.kernels.logits import ds_gemms, exp_of, fp16_grad_scale, local_column, qk_tile
+from infcl.kernels.logits import ds_gemms, exp_of, fp16_grad_scale, local_column, part, qk_tile
 from infcl.kernels.numerics import autocast_off
 from infcl.kernels.sigmoid_fwd import softplus_rows
 
@@ -115,8 +115,8 @@ def sigmoid_ds_bwd(
 
     def launch(rows, cols, ds, sums, grid, cols_per):
         _sigmoid_ds_kernel[grid](
-            q[rows], k[cols], scale, bias, scale if g_max is None else 1.0 / g_max, y[rows],
-            g_row[rows], ds, sums[0], sums[1], sums[-1],
+            part(q, rows), part(k, cols), scale, bias, scale if g_max is None else 1.0 / g_max,
+            part(y, rows), part(g_row, rows), ds, sums[0], sums[1], sums[-1],
             ds.shape[0], ds.shape[1], d, col_offset + cols.start, cols_per,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), ds.stride(0), g_row.stride(0),
             BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
