@@ -183,23 +183,25 @@ def ds_gemms(
     from two GEMMs in the input dtype (cuBLAS accumulates in fp32 and rounds once). Larger ones
     add into an fp32 dq block per row block and an fp32 [N, D] dk accumulator; when that
     accumulator would pass `configs.ACC_BYTES_MAX`, a second sweep in column order recomputes
-    dS instead and keeps one fp32 dk block at a time (a third more backward work, and the
-    gradients are then all the memory the backward needs)."""
+    dS instead and keeps one fp32 dk block at a time, with dS blocks half as wide (a third more
+    backward work, and the gradients are then nearly all the memory the backward needs)."""
     m, n, d = q.shape[0], k.shape[0], q.shape[1]
     f32 = dict(dtype=torch.float32, device=q.device)
     ds_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    blk = configs.BWD_BLOCK
-    row_blocks, col_blocks = range(0, m, blk), range(0, n, blk)
-    n_parts, _ = configs.split(min(n, blk), tile.block_n, configs.BWD_PARTS)
-    per_block = triton.cdiv(min(m, blk), tile.block_m) * n_parts
-    # float64 partial sums: the fp32 kernels (PRECISE) accumulate them in float64
-    one_block = len(row_blocks) == len(col_blocks) == 1 and g_max is None
-    # one block's programs write every slot; smaller edge blocks leave some, which must be 0
+    blk_m = blk_n = configs.BWD_BLOCK
+    one_block = m <= blk_m and n <= blk_n and g_max is None
+    two_sweeps = not one_block and n * d * 4 > configs.ACC_BYTES_MAX
+    if two_sweeps:  # the gradients are then most of the memory: a dS block of half the size
+        blk_n = max(blk_n // 2, tile.block_n)
+    row_blocks, col_blocks = range(0, m, blk_m), range(0, n, blk_n)
+    n_parts, _ = configs.split(min(n, blk_n), tile.block_n, configs.BWD_PARTS)
+    per_block = triton.cdiv(min(m, blk_m), tile.block_m) * n_parts
+    # float64 partial sums: the fp32 kernels (PRECISE) accumulate them in float64; one block's
+    # programs write every slot, smaller edge blocks leave some, which must be 0
     sums = (torch.empty if len(row_blocks) == len(col_blocks) == 1 else torch.zeros)(
         (n_sums, len(row_blocks) * len(col_blocks), per_block), dtype=torch.float64,
         device=q.device)
-    ds_buf = torch.empty((min(m, blk), min(n, blk)), dtype=ds_dtype, device=q.device)
-    two_sweeps = not one_block and n * d * 4 > configs.ACC_BYTES_MAX
+    ds_buf = torch.empty((min(m, blk_m), min(n, blk_n)), dtype=ds_dtype, device=q.device)
 
     def block(rows: slice, cols: slice, out: Tensor) -> Tensor:
         """dS of one block into ds_buf; the partial sums into `out` [n_sums, per_block]."""
@@ -209,7 +211,7 @@ def ds_gemms(
         launch(rows, cols, ds, list(out[:, : grid[0] * grid[1]]), grid, cols_per)
         return ds
 
-    def span(start: int, size: int) -> slice:
+    def span(start: int, size: int, blk: int) -> slice:
         return slice(start, min(start + blk, size))
 
     fp32 = matmul_precision(precision) if q.dtype == torch.float32 else contextlib.nullcontext()
@@ -221,12 +223,12 @@ def ds_gemms(
         dk32 = None if two_sweeps else torch.zeros(k.shape, **f32)
         # one fp32 block buffer per sweep, zeroed per block: `torch.zeros` per block would hold
         # the old block and the new one at once (a block's fp32 size more at the peak)
-        acc32 = torch.empty((max(min(m, blk), min(n, blk)), d), **f32)
+        acc32 = torch.empty((max(min(m, blk_m), min(n, blk_n)), d), **f32)
         for a_i, a in enumerate(row_blocks):
-            rows = span(a, m)
+            rows = span(a, m, blk_m)
             dq32 = acc32[: rows.stop - a].zero_()
             for c_i, c in enumerate(col_blocks):
-                cols = span(c, n)
+                cols = span(c, n, blk_n)
                 ds = block(rows, cols, sums[:, a_i * len(col_blocks) + c_i])
                 addmm32_(dq32, ds, k[cols])
                 if dk32 is not None:
@@ -238,10 +240,10 @@ def ds_gemms(
         dk = torch.empty_like(k)
         scratch = torch.empty_like(sums[:, 0])  # the sums were taken in the first sweep
         for c in col_blocks:
-            cols = span(c, n)
+            cols = span(c, n, blk_n)
             dk32 = acc32[: cols.stop - c].zero_()
             for a in row_blocks:
-                rows = span(a, m)
+                rows = span(a, m, blk_m)
                 addmm32_(dk32, block(rows, cols, scratch).T, q[rows])
             dk[cols] = dk32 if g_max is None else dk32.mul_(g_max)
     return dq, dk, _total(sums)
