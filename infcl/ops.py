@@ -40,7 +40,7 @@ try:
     from infcl.kernels.sigmoid_bwd import (  # noqa: F401
         inf_sigmoid_bwd,
         inf_sigmoid_fused,
-        scale_,
+        scale_pair_,
         scaled,
         sigmoid_ds_bwd,
     )
@@ -455,7 +455,8 @@ class _Held(torch.autograd.Function):
         held, ctx.held = ctx.held, None
         if held is None:  # a retained graph, backward again
             return (None, *ctx.sweep(g)[1])
-        return (None, *(scale_(x, g) if x.ndim else x * g for x in held))
+        dq, dk, *scalars = held  # the feature gradients first, then 0-dim ones
+        return (None, *scale_pair_(dq, dk, g), *(x * g for x in scalars))
 
 
 def _eager(*tensors: Tensor) -> bool:

@@ -148,6 +148,11 @@ def held_gradients_agree(fn, q, k, s) -> None:
     for a, b in zip(eager, ops_path, strict=True):  # the same kernels and row weights
         rtol = 2**-8 if a.dtype == torch.bfloat16 else 1e-5
         torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=1e-7)
+    scaled = leaves()
+    (0.75 * fn(*scaled)).backward()  # the held gradients scaled in place (fp32, one rounding)
+    for a, b in zip(scaled, ops_path, strict=True):
+        rtol = 2**-8 if a.dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(a.grad, 0.75 * b.grad, rtol=rtol, atol=1e-7)
     again = leaves()
     loss = fn(*again)
     once = torch.autograd.grad(loss, again, retain_graph=True)

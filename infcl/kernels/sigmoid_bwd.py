@@ -180,6 +180,35 @@ def _scaled_kernel(x_ptr, g_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + o, (x * g).to(out_ptr.dtype.element_ty), mask=m)  # to nearest (GPU)
 
 
+@triton.jit
+def _scale_pair_kernel(a_ptr, b_ptr, g_ptr, n_a, n_b, blocks_a, BLOCK: tl.constexpr):
+    """In place: `a *= g` on the first `blocks_a` programs, `b *= g` on the others (one launch
+    for both feature gradients)."""
+    pid = tl.program_id(0)
+    g = tl.load(g_ptr).to(tl.float32)
+    if pid < blocks_a:
+        o = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = o < n_a
+        x = tl.load(a_ptr + o, mask=m, other=0.0).to(tl.float32)
+        tl.store(a_ptr + o, (x * g).to(a_ptr.dtype.element_ty), mask=m)
+    else:
+        o = (pid - blocks_a).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = o < n_b
+        x = tl.load(b_ptr + o, mask=m, other=0.0).to(tl.float32)
+        tl.store(b_ptr + o, (x * g).to(b_ptr.dtype.element_ty), mask=m)
+
+
+def scale_pair_(a: Tensor, b: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """`scale_` of two tensors in one launch (contiguous ones; otherwise one `scale_` each)."""
+    if not (a.is_contiguous() and b.is_contiguous() and a.numel() and b.numel()):
+        return scale_(a, g), scale_(b, g)
+    block = 1024
+    blocks_a = triton.cdiv(a.numel(), block)
+    grid = (blocks_a + triton.cdiv(b.numel(), block),)
+    _scale_pair_kernel[grid](a, b, g, a.numel(), b.numel(), blocks_a, BLOCK=block)
+    return a, b
+
+
 def scale_(x: Tensor, g: Tensor) -> Tensor:
     """`x *= g` in place for a contiguous x and a 0-dim `g`, as `scaled` multiplies (in fp32,
     rounded once); eager mode's held gradients (`ops._Held`). Returns x (a new tensor if x is
