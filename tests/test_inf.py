@@ -159,8 +159,8 @@ def held_gradients_agree(fn, q, k, s) -> None:
     (2.5 * loss).backward(retain_graph=True)
     loss.backward()
     for g1, leaf in zip(once, again, strict=True):
-        # another sweep: the GEMMs round dS * 2.5 afresh (bf16: a new rounding of dS)
-        tol = (2**-7 if g1.dtype == torch.bfloat16 else 1e-5) * float(g1.abs().max())
+        # another sweep: the GEMMs round dS * 2.5 afresh, and bf16 `.grad` rounds each sum
+        tol = (2**-7 if g1.dtype == torch.bfloat16 else 1e-5) * 3.5 * float(g1.abs().max())
         torch.testing.assert_close(leaf.grad, 3.5 * g1, rtol=1e-5, atol=tol)
     with pytest.raises(RuntimeError, match="cannot differentiate its gradients"):
         fresh = leaves()
@@ -317,6 +317,9 @@ CUDA_CASES = [(torch.bfloat16, None), (torch.float16, None)] + [
 @example(p=Problem(m=300, n=300, d=47, symmetric=True, scale=100.0, unit=True, seed=3))
 @example(p=Problem(m=130, n=130, d=1030, symmetric=True, scale=100.0, unit=True, seed=5))
 @example(p=Problem(m=31, n=40, d=20, labels=tuple([3, -100] * 15 + [39]), reduction="sum"))
+# a lone column at |S| = 481: its gradient is exactly 0 only if the backward subtracts the
+# forward's rounded S (fp16 once missed its floor here: configs.rounded_logits)
+@example(p=Problem(m=1, n=1, d=33, symmetric=True, scale=86.0, seed=0))
 def test_kernels_match_naive_cuda(dtype, precision, p):
     check(p, dtype, "cuda", precision=precision)
 

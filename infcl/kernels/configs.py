@@ -60,9 +60,12 @@ def kernel_precision(dtype: torch.dtype, precision: str) -> str:
 
 
 def rounded_logits(dtype: torch.dtype) -> bool:
-    """The kernels' ROUNDED: fp32 logits rounded alone (`logits.scale_logits`), on a GPU only
-    (the interpreter has no inline assembly, and never fuses)."""
-    return dtype == torch.float32 and not INTERPRET
+    """The kernels' ROUNDED: fp32 and fp16 logits rounded alone (`logits.scale_logits`), on a
+    GPU only (the interpreter has no inline assembly, and never fuses). fp16 needs it too: a
+    lone column's gradient is exactly 0, and an FMA-fused `S - lse` left about
+    `eps32 * |S| * scale * |k|` there (H200, |S| = 481, scale 86: 0.0055, past fp16's test
+    floor). bf16's floor is 8x looser and its main path stays unrounded."""
+    return dtype in (torch.float32, torch.float16) and not INTERPRET
 
 
 INTERPRET_TILE = Tile(16, 16, 16, 1, 1)

@@ -45,11 +45,11 @@ def exp_of(x, PRECISE: tl.constexpr):
 
 @triton.jit
 def scale_logits(b_acc, s, ROUNDED: tl.constexpr):
-    """`S = b_acc * s`, with ROUNDED (fp32 on a GPU) as a lone `mul.rn`: the compiler cannot fuse
+    """`S = b_acc * s`, with ROUNDED (fp32, fp16 on a GPU) as a lone `mul.rn`: the compiler cannot fuse
     it into a later `S - lse` FMA in one kernel and not in another, so the forward and the
     backward subtract the same rounded S (an FMA there would leave `exp(rounding) != 1` in the
     backward's probabilities: gradient errors of `eps * |S|` times the scale). The interpreter
-    never fuses, and bf16/fp16 inputs are far coarser than that rounding."""
+    never fuses; see `configs.rounded_logits` for why bf16 goes without."""
     if ROUNDED:
         return tl.inline_asm_elementwise(
             "mul.rn.f32 $0, $1, $2;", "=r,r,r", [b_acc, s + tl.zeros(b_acc.shape, tl.float32)],

@@ -71,7 +71,7 @@ def _ds_kernel(
     IS_FP32: tl.constexpr,  # fp32 inputs take PRECISION (see configs.PRECISIONS); others ignore it
     PRECISION: tl.constexpr,
     PRECISE: tl.constexpr,  # fp32 inputs: subtract the LSE in two exact steps (see _softmax)
-    ROUNDED: tl.constexpr,  # fp32 on a GPU: S rounded on its own (see logits.scale_logits)
+    ROUNDED: tl.constexpr,  # fp32, fp16 on a GPU: S rounded alone (see logits.scale_logits)
 ):
     """Writes `scale * dS` (fp16: `scale * dS / g_max`) in ds's dtype, so that the GEMMs after
     it give dq and dk without another pass; and per-program partial sums of `dS * (q @ k.T)`.

@@ -34,7 +34,7 @@ def _lse_fwd_kernel(
     UPCAST: tl.constexpr,  # the interpreter computes low-precision dots wrongly: go through fp32
     IS_FP32: tl.constexpr,  # fp32 inputs take PRECISION (see configs.PRECISIONS); others ignore it
     PRECISION: tl.constexpr,
-    ROUNDED: tl.constexpr,  # fp32 on a GPU: S rounded on its own (see logits.scale_logits)
+    ROUNDED: tl.constexpr,  # fp32, fp16 on a GPU: S rounded alone (see logits.scale_logits)
 ):
     """Row partials `row_ptr[3, Q, M]` (max, sum of exp(S - max), positive logit); with
     SYMMETRIC, column partials `col_ptr[2, P, N]` (max, sum)."""
