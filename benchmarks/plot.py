@@ -112,8 +112,10 @@ def title(rows: list[dict], name: str, world: int) -> str:
     first = rows[0] if rows else {}
     where = f"{first.get('card', '?')} x{world}" if world > 1 else first.get("card", "?")
     ds = sorted({r.get("D", "") for r in rows if r.get("metric") == "ms"})
+    # several runs in one CSV: every commit, in order (a later run's points replace earlier ones)
+    commits = list(dict.fromkeys(r.get("commit", "?") for r in rows)) or ["?"]
     return (f"{name}: {where}, D={'/'.join(ds)}, torch {first.get('torch', '?')}, "
-            f"triton {first.get('triton', '?')}, {first.get('commit', '?')}, "
+            f"triton {first.get('triton', '?')}, {', then '.join(commits)}, "
             f"{first.get('date', '?')}")
 
 
