@@ -50,7 +50,9 @@ describe(
     block once more instead (about 30% more backward time), in blocks of 8192 x 4096. The
     forward never stores logits. A "mean" or "sum" loss that needs a gradient forms the
     gradients in its forward (the same work, in one call) and hands them to autograd in the
-    backward without a copy.
+    backward without a copy; such a loss, if never differentiated, has done the backward's
+    work and holds the gradients while it lives, and `create_graph=True` through it raises
+    (use `reduction="none"` and reduce it yourself for higher-order gradients).
 
     Small batches: a call costs host time whatever B (checks, kernel launches, two GEMMs,
     autograd: 1-2 ms on the machine of the Results page, less for a "mean" or "sum" loss in
@@ -115,8 +117,11 @@ describe(
     extra="""
     Memory: the inputs' gradients, one bounded block of logit gradients and O(M) row losses;
     no logit matrix is stored. A "mean" or "sum" loss that needs a gradient forms the gradients
-    in the same sweep as the loss (a quarter less work) and holds them until the backward, whose
-    peak then holds them twice; bf16 and fp32 features take that path, fp16 two sweeps.
+    in the same sweep as the loss (a quarter less work) and holds them until the backward (in
+    eager mode they then become the inputs' gradients without a copy; under `torch.compile`
+    the backward's peak holds them twice); bf16 and fp32 features take that path, fp16 two
+    sweeps. A loss computed with a gradient wanted but never differentiated has done that
+    work and holds those gradients for as long as it lives.
     Devices, precision and autocast as `inf_loss`; across ranks (`group=`) as
     `ring_sigmoid_loss`, with these tiles at every ring step.
 

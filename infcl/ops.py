@@ -298,8 +298,8 @@ def loss(
             y = (check_targets if eager else targets)(labels, k.shape[0], ignore_index)
             valid = y != ignore_index
         if eager and _held(block, reduction, q, k, s):
-            sweep = _softmax_sweep(q, k, s, y, valid, symmetric, reduction, precision)
-            return _Held.apply(sweep, q, k, s)
+            sweep = _softmax_sweep(symmetric, reduction, precision)
+            return _Held.apply(sweep, "inf_loss", 3, q, k, s, y, valid)
         fwd = getattr(torch.ops.infcl, f"{block}_fwd")
         row, col, pos = fwd(q, k, s, y, 0, symmetric, chunk_size, precision)
     return assemble(row, col, pos, valid, symmetric, reduction)
@@ -428,35 +428,44 @@ class _FusedSigmoid(torch.autograd.Function):
         return scaled(dq, g), scaled(dk, g), g * ds, g * db, None, None, None
 
 
-Sweep = Callable[[Tensor | None], tuple[Tensor, tuple[Tensor, ...]]]
+Sweep = Callable[..., tuple[Tensor, tuple[Tensor, ...]]]
+"""`sweep(g, *tensors) -> (loss, gradients)`: the loss and the gradients of its differentiable
+inputs (the first ones of `tensors`) for an incoming gradient g (None: 1)."""
 
 
 class _Held(torch.autograd.Function):
     """A "mean" or "sum" loss in eager mode whose gradients come from the same sweep as the loss
-    (`sweep(None)`: the loss and the gradients for an incoming gradient of 1, one per input).
+    (`sweep(None, *tensors)`: the loss and, for an incoming gradient of 1, the gradients of
+    the first `n_grads` tensors; the rest, labels and masks, take none).
 
     The backward scales the held gradients in place by the incoming gradient (fp32, rounded
     once) and lets them go, so that autograd takes them as the inputs' `.grad` without a copy:
     the gradients are never held twice. A second backward over a retained graph finds them
-    gone and sweeps again for its own incoming gradient (`sweep(g)`). The launchers are called
-    straight, not through the dispatcher: at small B the dispatcher and the autograd glue of
-    the ops cost more host time than the kernels take (compiled graphs use the ops)."""
+    gone and sweeps again for its own incoming gradient. The inputs are saved as autograd saves
+    any (released after the backward; modified in place in between, the backward raises). The
+    launchers are called straight, not through the dispatcher: at small B the dispatcher and
+    the autograd glue of the ops cost more host time than the kernels take (compiled graphs
+    use the ops). `create_graph=True` raises: the held gradients carry no graph."""
 
     @staticmethod
-    def forward(ctx, sweep: Sweep, *inputs: Tensor) -> Tensor:
-        loss, ctx.held = sweep(None)
-        ctx.sweep = sweep
+    def forward(ctx, sweep: Sweep, name: str, n_grads: int, *tensors: Tensor | None) -> Tensor:
+        loss, ctx.held = sweep(None, *tensors)
+        ctx.sweep, ctx.name, ctx.n_grads = sweep, name, n_grads
+        ctx.save_for_backward(*tensors)
         return loss
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:
-        if torch.is_grad_enabled():  # create_graph=True: the held gradients carry no graph
-            raise RuntimeError(NOT_TWICE.format(name="this loss"))
+        if torch.is_grad_enabled():
+            raise RuntimeError(NOT_TWICE.format(name=ctx.name))
+        tensors = ctx.saved_tensors  # checks that no input changed in place since the forward
         held, ctx.held = ctx.held, None
         if held is None:  # a retained graph, backward again
-            return (None, *ctx.sweep(g)[1])
-        dq, dk, *scalars = held  # the feature gradients first, then 0-dim ones
-        return (None, *scale_pair_(dq, dk, g), *(x * g for x in scalars))
+            grads = ctx.sweep(g, *tensors)[1]
+        else:
+            dq, dk, *scalars = held  # the feature gradients first, then 0-dim ones
+            grads = (*scale_pair_(dq, dk, g), *(x * g for x in scalars))
+        return (None, None, None, *grads, *[None] * (len(tensors) - ctx.n_grads))
 
 
 def _eager(*tensors: Tensor) -> bool:
@@ -486,45 +495,47 @@ def _row_weight(g: Tensor | None, w: float | Tensor, m: int, device: torch.devic
     return (one if g is None else one * g).expand(m)
 
 
-def _softmax_sweep(
-    q: Tensor, k: Tensor, s: Tensor, y: Tensor, valid: Tensor | None, symmetric: bool,
-    reduction: str, precision: str,
-) -> Sweep:
+def _softmax_sweep(symmetric: bool, reduction: str, precision: str) -> Sweep:
     """The softmax loss and its dq, dk, dscale from the Triton launchers: the statistics, then
-    the backward's dS and GEMMs for the loss's own row weights (times g when given)."""
-    m, dev = q.shape[0], q.device
-    unit = 1.0 / m if reduction == "mean" else 1.0
+    the backward's dS and GEMMs for the loss's own row weights (times g when given).
+    `sweep(g, q, k, s, y, valid)`."""
 
     @autocast_off
-    def sweep(q: Tensor, g: Tensor | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+    def sweep(q: Tensor, g: Tensor | None, k: Tensor, s: Tensor, y: Tensor,
+              valid: Tensor | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+        m, dev = q.shape[0], q.device
         row, col, pos = lse_fwd(q, k, s, y, 0, symmetric, precision)
-        w: float | Tensor = 0.5 * unit if symmetric else unit
-        if valid is not None:  # labels: the ignored rows weigh nothing and leave the count
-            w = valid.float() / valid.sum() if reduction == "mean" else valid.float()
+        w: float | Tensor = 1.0 / m if reduction == "mean" else 1.0
+        if symmetric:
+            w = 0.5 * w
+        elif valid is not None:  # labels: the ignored rows weigh nothing and leave the count
+            w = valid.float()
+            if reduction == "mean":  # all ignored: the loss is NaN (0 / 0), the gradients 0
+                w = w / valid.sum().clamp_min(1)
         g_row = _row_weight(g, w, m, dev)
         g_pos = _row_weight(g, -2 * w if symmetric else -w, m, dev)
         g_col = g_row if symmetric else col  # col is empty unless symmetric
         dq, dk, dscale = ds_bwd(q, k, s, y, 0, row, col, g_row, g_col, g_pos, precision)
         return assemble(row, col, pos, valid, symmetric, reduction), (dq, dk, dscale)
 
-    return lambda g: sweep(q, g)
+    return lambda g, q, *rest: sweep(q, g, *rest)
 
 
-def _sigmoid_sweep(
-    q: Tensor, k: Tensor, s: Tensor, b: Tensor, y: Tensor, reduction: str, precision: str,
-) -> Sweep:
-    """The sigmoid loss and its dq, dk, dscale, dbias from one sweep of the Triton launcher."""
-    m, dev = q.shape[0], q.device
-    unit = 1.0 / m if reduction == "mean" else 1.0
+def _sigmoid_sweep(reduction: str, precision: str) -> Sweep:
+    """The sigmoid loss and its dq, dk, dscale, dbias from one sweep of the Triton launcher.
+    `sweep(g, q, k, s, b, y)`."""
 
     @autocast_off
-    def sweep(q: Tensor, g: Tensor | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+    def sweep(q: Tensor, g: Tensor | None, k: Tensor, s: Tensor, b: Tensor,
+              y: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        m = q.shape[0]
+        unit = 1.0 / m if reduction == "mean" else 1.0
         *grads, total = sigmoid_ds_bwd(
-            q, k, s, b, y, 0, _row_weight(g, unit, m, dev), precision, with_loss=True
+            q, k, s, b, y, 0, _row_weight(g, unit, m, q.device), precision, with_loss=True
         )
         return (total / m if reduction == "mean" else total), tuple(grads)
 
-    return lambda g: sweep(q, g)
+    return lambda g, q, *rest: sweep(q, g, *rest)
 
 
 def sigmoid_loss(
@@ -550,7 +561,8 @@ def sigmoid_loss(
             y = (check_targets if eager else targets)(labels, k.shape[0], NO_IGNORE)
         if _held(block, reduction, q, k, s, b):
             if eager:
-                return _Held.apply(_sigmoid_sweep(q, k, s, b, y, reduction, precision), q, k, s, b)
+                sweep = _sigmoid_sweep(reduction, precision)
+                return _Held.apply(sweep, "inf_sigmoid_loss", 4, q, k, s, b, y)
             return _FusedSigmoid.apply(q, k, s, b, y, reduction == "mean", precision)
         fwd = getattr(torch.ops.infcl, f"{block}_sigmoid_fwd")
         per = fwd(q, k, s, b, y, 0, chunk_size, precision)

@@ -177,6 +177,48 @@ def test_eager_held_gradients_interpreted(small_blocks, case):
     held_gradients_agree(HELD_CASES[case], q, k, torch.tensor(4.0))
 
 
+@interpret
+@needs_interpret
+def test_eager_held_gradients_edges_interpreted(small_blocks):
+    """Every label ignored: a NaN loss (0 / 0) and zero gradients, as naive and
+    `F.cross_entropy` give. An input changed in place between the forward and the backward
+    makes the backward raise (as for any saved tensor). After the backward nothing of the
+    inputs is kept alive by a loss that is still referenced."""
+    import gc
+    import weakref
+
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(13, 9, generator=gen).requires_grad_()
+    k = torch.randn(17, 9, generator=gen).requires_grad_()
+    s = torch.tensor(3.0, requires_grad=True)
+    ignored = torch.full((13,), -100)
+    loss = infcl.inf_loss(q, k, s, labels=ignored)
+    ref = infcl.naive_loss(q.detach().double().requires_grad_(), k.detach().double(), 3.0,
+                           labels=ignored)
+    assert torch.isnan(loss) and torch.isnan(ref)
+    loss.backward()
+    assert q.grad.eq(0).all() and k.grad.eq(0).all() and s.grad.eq(0), (q.grad, s.grad)
+
+    for fn in (lambda q, k: infcl.inf_loss(q, k, 3.0, symmetric=True),
+               lambda q, k: infcl.inf_sigmoid_loss(q, k, 3.0, -2.0)):
+        q2 = torch.randn(13, 9, generator=gen).requires_grad_()
+        k2 = torch.randn(13, 9, generator=gen).requires_grad_()
+        x = q2 * 1.0  # a non-leaf that can be changed in place
+        loss = fn(x, k2)
+        with torch.no_grad():
+            x.mul_(2.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+        x = q2 * 1.0
+        alive = weakref.ref(x)
+        loss = fn(x, k2)
+        loss.backward()
+        del x
+        gc.collect()
+        assert alive() is None, "the loss keeps its input alive after the backward"
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("case", HELD_CASES)

@@ -255,6 +255,9 @@ def test_typecheck_runs_once_per_signature_and_again_for_a_new_one():
     f(torch.ones(3), 0)
     f(torch.ones(5), 0)  # the same signature: not checked again, still run
     assert calls == [0, 0]
+    # the proof that it was not checked again: a result that breaks the annotation passes
+    # (the contract's own checks, run on every call, are what guard the losses' inputs)
+    assert f(torch.ones(4), 1).shape == (4,)
     with pytest.raises(TypeError):
         f(torch.ones(3, dtype=torch.int64), 0)  # a new dtype: checked, and rejected
     with pytest.raises(TypeError):
