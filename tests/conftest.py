@@ -6,7 +6,11 @@ directly: pytest puts this folder on sys.path (rootdir-relative, no `tests/__ini
 
 import os
 
-from hypothesis import HealthCheck, settings
+# compile in this process: a pool of compile workers is one more thing that can hang a run
+# (one local run stalled with two finished children unreaped; the cause was not found)
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
     "ci",
