@@ -449,7 +449,8 @@ class _Held(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sweep: Sweep, name: str, n_grads: int, *tensors: Tensor | None) -> Tensor:
-        loss, ctx.held = sweep(None, *tensors)
+        with torch.autocast(tensors[0].device.type, enabled=False):  # the sweeps chose dtypes
+            loss, ctx.held = sweep(None, *tensors)
         ctx.sweep, ctx.name, ctx.n_grads = sweep, name, n_grads
         ctx.save_for_backward(*tensors)
         return loss
@@ -461,7 +462,8 @@ class _Held(torch.autograd.Function):
         tensors = ctx.saved_tensors  # checks that no input changed in place since the forward
         held, ctx.held = ctx.held, None
         if held is None:  # a retained graph, backward again
-            grads = ctx.sweep(g, *tensors)[1]
+            with torch.autocast(tensors[0].device.type, enabled=False):
+                grads = ctx.sweep(g, *tensors)[1]
         else:
             dq, dk, *scalars = held  # the feature gradients first, then 0-dim ones
             grads = (*scale_pair_(dq, dk, g), *(x * g for x in scalars))
@@ -500,8 +502,7 @@ def _softmax_sweep(symmetric: bool, reduction: str, precision: str) -> Sweep:
     the backward's dS and GEMMs for the loss's own row weights (times g when given).
     `sweep(g, q, k, s, y, valid)`."""
 
-    @autocast_off
-    def sweep(q: Tensor, g: Tensor | None, k: Tensor, s: Tensor, y: Tensor,
+    def sweep(g: Tensor | None, q: Tensor, k: Tensor, s: Tensor, y: Tensor,
               valid: Tensor | None) -> tuple[Tensor, tuple[Tensor, ...]]:
         m, dev = q.shape[0], q.device
         row, col, pos = lse_fwd(q, k, s, y, 0, symmetric, precision)
@@ -518,15 +519,14 @@ def _softmax_sweep(symmetric: bool, reduction: str, precision: str) -> Sweep:
         dq, dk, dscale = ds_bwd(q, k, s, y, 0, row, col, g_row, g_col, g_pos, precision)
         return assemble(row, col, pos, valid, symmetric, reduction), (dq, dk, dscale)
 
-    return lambda g, q, *rest: sweep(q, g, *rest)
+    return sweep
 
 
 def _sigmoid_sweep(reduction: str, precision: str) -> Sweep:
     """The sigmoid loss and its dq, dk, dscale, dbias from one sweep of the Triton launcher.
     `sweep(g, q, k, s, b, y)`."""
 
-    @autocast_off
-    def sweep(q: Tensor, g: Tensor | None, k: Tensor, s: Tensor, b: Tensor,
+    def sweep(g: Tensor | None, q: Tensor, k: Tensor, s: Tensor, b: Tensor,
               y: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
         m = q.shape[0]
         unit = 1.0 / m if reduction == "mean" else 1.0
@@ -535,7 +535,7 @@ def _sigmoid_sweep(reduction: str, precision: str) -> Sweep:
         )
         return (total / m if reduction == "mean" else total), tuple(grads)
 
-    return lambda g, q, *rest: sweep(q, g, *rest)
+    return sweep
 
 
 def sigmoid_loss(

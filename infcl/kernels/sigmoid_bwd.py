@@ -172,12 +172,22 @@ def inf_sigmoid_fused_fake(q, k, scale, bias, labels, mean, precision):
 
 
 @triton.jit
-def _scaled_kernel(x_ptr, g_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _scale_block(x_ptr, out_ptr, blk, n, g, BLOCK: tl.constexpr):
+    """Block `blk` of `out = x * g` (n elements), in fp32, rounded once to out's dtype (to
+    nearest on a GPU); out may be x."""
+    o = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = o < n
-    g = tl.load(g_ptr).to(tl.float32)
     x = tl.load(x_ptr + o, mask=m, other=0.0).to(tl.float32)
-    tl.store(out_ptr + o, (x * g).to(out_ptr.dtype.element_ty), mask=m)  # to nearest (GPU)
+    tl.store(out_ptr + o, (x * g).to(out_ptr.dtype.element_ty), mask=m)
+
+
+SCALE_BLOCK = 1024
+"""Elements per program of the scaling kernels."""
+
+
+@triton.jit
+def _scaled_kernel(x_ptr, g_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    _scale_block(x_ptr, out_ptr, tl.program_id(0), n, tl.load(g_ptr).to(tl.float32), BLOCK)
 
 
 @triton.jit
@@ -187,39 +197,21 @@ def _scale_pair_kernel(a_ptr, b_ptr, g_ptr, n_a, n_b, blocks_a, BLOCK: tl.conste
     pid = tl.program_id(0)
     g = tl.load(g_ptr).to(tl.float32)
     if pid < blocks_a:
-        o = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        m = o < n_a
-        x = tl.load(a_ptr + o, mask=m, other=0.0).to(tl.float32)
-        tl.store(a_ptr + o, (x * g).to(a_ptr.dtype.element_ty), mask=m)
+        _scale_block(a_ptr, a_ptr, pid, n_a, g, BLOCK)
     else:
-        o = (pid - blocks_a).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        m = o < n_b
-        x = tl.load(b_ptr + o, mask=m, other=0.0).to(tl.float32)
-        tl.store(b_ptr + o, (x * g).to(b_ptr.dtype.element_ty), mask=m)
+        _scale_block(b_ptr, b_ptr, pid - blocks_a, n_b, g, BLOCK)
 
 
 def scale_pair_(a: Tensor, b: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """`scale_` of two tensors in one launch (contiguous ones; otherwise one `scale_` each)."""
+    """`a *= g` and `b *= g` in place, in one launch, multiplied as `scaled` multiplies: eager
+    mode's held gradients (`ops._Held`). Empty or non-contiguous ones go through `scaled`
+    instead (new tensors)."""
     if not (a.is_contiguous() and b.is_contiguous() and a.numel() and b.numel()):
-        return scale_(a, g), scale_(b, g)
-    block = 1024
-    blocks_a = triton.cdiv(a.numel(), block)
-    grid = (blocks_a + triton.cdiv(b.numel(), block),)
-    _scale_pair_kernel[grid](a, b, g, a.numel(), b.numel(), blocks_a, BLOCK=block)
+        return scaled(a, g), scaled(b, g)
+    blocks_a = triton.cdiv(a.numel(), SCALE_BLOCK)
+    grid = (blocks_a + triton.cdiv(b.numel(), SCALE_BLOCK),)
+    _scale_pair_kernel[grid](a, b, g, a.numel(), b.numel(), blocks_a, BLOCK=SCALE_BLOCK)
     return a, b
-
-
-def scale_(x: Tensor, g: Tensor) -> Tensor:
-    """`x *= g` in place for a contiguous x and a 0-dim `g`, as `scaled` multiplies (in fp32,
-    rounded once); eager mode's held gradients (`ops._Held`). Returns x (a new tensor if x is
-    not contiguous)."""
-    if not x.is_contiguous():
-        return scaled(x, g)
-    n = x.numel()
-    if n:
-        block = 1024
-        _scaled_kernel[(triton.cdiv(n, block),)](x, g, x, n, BLOCK=block)
-    return x
 
 
 @torch.library.custom_op("infcl::scaled", mutates_args=())
@@ -232,8 +224,7 @@ def scaled(x: Tensor, g: Tensor) -> Tensor:
     out = torch.empty_like(x)
     n = x.numel()
     if n:
-        block = 1024
-        _scaled_kernel[(triton.cdiv(n, block),)](x, g, out, n, BLOCK=block)
+        _scaled_kernel[(triton.cdiv(n, SCALE_BLOCK),)](x, g, out, n, BLOCK=SCALE_BLOCK)
     return out
 
 
