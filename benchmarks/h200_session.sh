@@ -44,6 +44,8 @@ for step in $STEPS; do
       for item in ${HOST_ARGS:-256:64:clip 4096:512:siglip}; do IFS=: read -r b d l <<< "$item"
         timeout 120 python3 benchmarks/host_time.py --b $b --d $d --profile $l \
                > "$OUT/host_${b}_${d}.txt" 2>&1; grep " us " "$OUT/host_${b}_${d}.txt"; done ;;
+    lab) timeout ${LAB_S:-280} python3 benchmarks/kernel_lab.py --out "$OUT" ${LAB_ARGS:-} \
+           > "$OUT/lab.txt" 2>&1; cat "$OUT/lab.txt" | grep -v "^ " | tail -60 ;;
     *) echo "unknown step $step" ;;
   esac
   echo "== $step took $(( $(date +%s) - t0 )) s"
