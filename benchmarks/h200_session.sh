@@ -22,8 +22,8 @@ for step in $STEPS; do
                ${PYTEST_N:+-n $PYTEST_N} ${PYTEST_ARGS:-} > "$OUT/gpu_all.txt" 2>&1; tail -15 "$OUT/gpu_all.txt" ;;
     precision) timeout ${PRECISION_S:-150} python3 benchmarks/bench_precision.py --out "$OUT" \
                  > "$OUT/precision.txt" 2>&1; sed -n '/^wrote/,$p' "$OUT/precision.txt" ;;
-    tune|tune2) # TUNE_ARGS (tune2: TUNE2_ARGS), e.g. "--loss siglip" or "--dtypes float32 --precision ieee"
-      args=${TUNE_ARGS:-}; [ $step = tune2 ] && args=${TUNE2_ARGS:-}
+    tune|tune2|tune3) # TUNE_ARGS (tune2: TUNE2_ARGS, tune3: TUNE3_ARGS), e.g. "--loss siglip" or "--dtypes float32 --precision ieee"
+      args=${TUNE_ARGS:-}; [ $step = tune2 ] && args=${TUNE2_ARGS:-}; [ $step = tune3 ] && args=${TUNE3_ARGS:-}
       timeout ${TUNE_S:-150} python3 benchmarks/tune_tiles.py --dtypes bfloat16 \
             --stage ${TUNE_STAGE:-both} $args > "$OUT/$step.txt" 2>&1; grep -v "^  " "$OUT/$step.txt" | tail -40 ;;
     bench|bench2) # bench2: a second set (SIZES2, METHODS2, D2, BIG2) in the same call

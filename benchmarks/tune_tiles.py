@@ -99,11 +99,12 @@ def sweep_sigmoid(args: argparse.Namespace) -> None:
         if harness.dname(dt) not in args.dtypes:
             continue
         q, k = harness.unit_rows(b, d, dt, 1, dev), harness.unit_rows(b, d, dt, 2, dev)
-        qc = harness.unit_rows(args.check_b, 300, dt, 3, dev)
-        kc = harness.unit_rows(args.check_b, 300, dt, 4, dev)
+        qc = harness.unit_rows(args.check_b, args.check_d, dt, 3, dev)
+        kc = harness.unit_rows(args.check_b, args.check_d, dt, 4, dev)
         s = torch.tensor(20.0, device=dev)
         for t in tiles:
-            for bp in (2, 4):  # 1 was slower for every tile (results/raw/tune_sigmoid_*)
+            # 1 was slower for every tile (results/raw/tune_sigmoid_*)
+            for bp in args.bwd_parts or (2, 4):
                 configs.BWD_PARTS = bp
                 label = f"sigmoid fused {harness.dname(dt):8s} {t} bwd_parts={bp}"
                 try:
@@ -131,8 +132,21 @@ def main() -> None:
     ap.add_argument("--loss", choices=["clip", "siglip"], default="clip")
     ap.add_argument("--precision", choices=configs.PRECISIONS, default=PRECISION,
                     help="of float32 dots")
+    ap.add_argument("--tma", action="store_true",
+                    help="TMA descriptor loads at every size (bf16, fp16; the check takes D=304)")
+    ap.add_argument("--tiles", nargs="*", default=None,
+                    help="BMxBNxBDxWARPSxSTAGES items in place of the built-in lists")
+    ap.add_argument("--parts", nargs="*", type=int, default=[16, 32], help="forward PARTS")
+    ap.add_argument("--bwd-parts", nargs="*", type=int, default=None, help="BWD_PARTS")
     args = ap.parse_args()
     PRECISION = args.precision
+    args.check_d = 304 if args.tma else 300
+    if args.tma:
+        configs.TMA_MIN_LOGITS = 0
+    if args.tiles:
+        chosen = [Tile(*map(int, t.split("x"))) for t in args.tiles]
+        for table in (TILES, SIGMOID_TILES):
+            table[torch.bfloat16] = chosen
     if args.loss == "siglip":
         sweep_sigmoid(args)
         return
@@ -144,8 +158,8 @@ def main() -> None:
             continue
         q = harness.unit_rows(b, d, dt, 1, dev)
         k = harness.unit_rows(b, d, dt, 2, dev)
-        qc = harness.unit_rows(args.check_b, 300, dt, 3, dev)
-        kc = harness.unit_rows(args.check_b, 300, dt, 4, dev)
+        qc = harness.unit_rows(args.check_b, args.check_d, dt, 3, dev)
+        kc = harness.unit_rows(args.check_b, args.check_d, dt, 4, dev)
         s = torch.tensor(20.0, device=dev)
         y = torch.arange(b, device=dev)
         row, col, _ = lse_fwd(q, k, s, y, 0, True, PRECISION)
@@ -153,7 +167,7 @@ def main() -> None:
         g_pos = torch.full((b,), -1.0 / b, device=dev)
         name = harness.dname(dt)
         for t in tiles:
-            for p in (16, 32) if args.stage != "bwd" else ():
+            for p in args.parts if args.stage != "bwd" else ():
                 configs.PARTS = p
                 label = f"fwd {name:8s} {t} parts={configs.PARTS}"
                 problems = off_spec(qc, kc, s, t)
@@ -165,7 +179,7 @@ def main() -> None:
                 print(f"{label}: both directions {ms:7.2f} ms ({flop / ms / 1e9:5.0f} TF/s)",
                       flush=True)
             configs.PARTS = parts
-            for bp in (1, 2, 4) if args.stage != "fwd" else ():
+            for bp in (args.bwd_parts or (1, 2, 4)) if args.stage != "fwd" else ():
                 configs.BWD_PARTS = bp
                 label = f"bwd {name:8s} {t} bwd_parts={configs.BWD_PARTS}"
                 problems = off_spec(qc, kc, s, t)

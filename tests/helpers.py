@@ -116,6 +116,7 @@ def assert_close_to_naive(
     norm_floor: float = NORM_FLOOR,
     seed: int = 0,
     poison: bool = True,
+    ref_inputs: Callable[[Tensor], Tensor] | None = None,
     **kw: Any,
 ) -> None:
     """Check fn's loss, dq, dk, dscale against the float64 spec with the tolerance rule above.
@@ -131,7 +132,8 @@ def assert_close_to_naive(
     q, k = q.to(dtype), k.to(dtype)
     cot = make_cotangent(q.shape[0], seed) if kw.get("reduction") == "none" else None
     truth = ground_truth(q, k, scale, cotangent=cot, **spec_kw)
-    ref = run(naive_loss, q, k, scale, cotangent=cot, **spec_kw)
+    q_ref, k_ref = (q, k) if ref_inputs is None else (ref_inputs(q), ref_inputs(k))
+    ref = run(naive_loss, q_ref, k_ref, scale, cotangent=cot, **spec_kw)
     with poisoned_memory() if poison else contextlib.nullcontext():
         got = run(fn, q, k, scale, cotangent=cot, **kw)
     floor = FLOOR[dtype] if floor is None else floor
@@ -233,6 +235,14 @@ def poisoned_memory() -> Iterator[None]:
     finally:
         torch.utils.deterministic.fill_uninitialized_memory = fill
         torch.use_deterministic_algorithms(det, warn_only=warn_only)
+
+
+def round_tf32(x: Tensor) -> Tensor:
+    """fp32 values rounded to the nearest TF32 value (ties away from zero), as cuBLAS and the
+    kernels' "tf32" round their inputs; non-finite values unchanged."""
+    bits = x.contiguous().view(torch.int32)
+    rounded = ((bits + 0x1000) & -0x2000).view(torch.float32)
+    return torch.where(torch.isfinite(x), rounded, x)
 
 
 def runs_tf32(dtype: torch.dtype, device: str, precision: str | None) -> bool:

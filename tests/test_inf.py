@@ -4,20 +4,29 @@ fallback on a plain CPU run. Also the Inf-CL defects of ANCHORS.md that apply to
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FLOOR, Allocations, OpLog, assert_close_to_naive, run, runs_tf32
+from helpers import (
+    FLOOR,
+    Allocations,
+    OpLog,
+    assert_close_to_naive,
+    round_tf32,
+    run,
+    runs_tf32,
+)
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from strategies import Problem, problems
 
 import infcl
 from infcl import inf
-from infcl.kernels import configs, lse_bwd
-from infcl.kernels.logits import matmul_precision
+from infcl.kernels import configs, lse_bwd, lse_fwd
+from infcl.kernels.logits import matmul_precision, use_tma
 
 INTERPRET = configs.INTERPRET
 HAS_CUDA = torch.cuda.is_available()
@@ -39,8 +48,10 @@ def small_blocks():
 
 TINY_K_TF32 = 2.0**-10
 """cuBLAS runs products of tiny D off the tensor cores even with TF32 allowed (H200: D=1 under
-"TF32" had IEEE errors), so the TF32 reference has no TF32 error to scale. Below D=8 the floor
-takes TF32's own: inputs rounded to 2^-11 relative each, logits off by up to 2^-10 * |S|."""
+"TF32" had IEEE errors), so the TF32 reference has no TF32 error to scale. Below D=8 the
+reference takes inputs rounded to TF32 (`helpers.round_tf32`), and the floor TF32's own error:
+inputs rounded to 2^-11 relative each, logits off by up to 2^-10 * |S|. (The floor alone missed
+dscale at m = n = 257, D = 1, unit=False: its terms cancel, 0.020 against 0.0104.)"""
 
 
 def check(p: Problem, dtype: torch.dtype, device: str, **kw) -> None:
@@ -55,7 +66,8 @@ def check(p: Problem, dtype: torch.dtype, device: str, **kw) -> None:
     # (flash attention has the same property). Naive reuses one S and has no such term.
     s_max = float(abs(p.scale) * (q.double() @ k.double().T).abs().max())
     floor += 8 * torch.finfo(torch.float32).eps * s_max
-    if tf32 and p.d < 8:  # see TINY_K_TF32
+    tiny_tf32 = tf32 and p.d < 8
+    if tiny_tf32:  # see TINY_K_TF32
         floor += TINY_K_TF32 * s_max
     scale = p.scale_for(dtype)
     if isinstance(scale, torch.Tensor):
@@ -63,7 +75,7 @@ def check(p: Problem, dtype: torch.dtype, device: str, **kw) -> None:
     with matmul_precision("tf32" if tf32 else "ieee"):  # the same-dtype reference's too
         assert_close_to_naive(
             infcl.inf_loss, q.to(device), k.to(device), scale, dtype=dtype, floor=floor,
-            seed=p.seed, **kwargs, **kw,
+            seed=p.seed, ref_inputs=round_tf32 if tiny_tf32 else None, **kwargs, **kw,
         )
 
 
@@ -78,6 +90,74 @@ def check(p: Problem, dtype: torch.dtype, device: str, **kw) -> None:
 def test_kernels_match_naive_interpreted(small_blocks, dtype, p):
     assert inf._block(torch.empty(1, dtype=dtype)) == "inf", "the Triton kernels must be tested"
     check(p, dtype, "cpu", precision="ieee")
+
+
+@contextlib.contextmanager
+def tma_everywhere():
+    """The TMA path (descriptor loads and its tiles) at any size, not only past
+    `configs.TMA_MIN_LOGITS` (a context manager, not a fixture: Hypothesis runs every example
+    inside one test call)."""
+    saved = configs.TMA_MIN_LOGITS
+    configs.TMA_MIN_LOGITS = 0
+    try:
+        yield
+    finally:
+        configs.TMA_MIN_LOGITS = saved
+
+
+def aligned(p: Problem) -> Problem:
+    """p with D a multiple of 8: 16-byte rows in bf16 and fp16, as TMA descriptors need."""
+    return dataclasses.replace(p, d=8 * (1 + p.d % 6))
+
+
+def check_tma(p: Problem, dtype: torch.dtype, device: str) -> None:
+    q, k = (x.to(dtype).to(device) for x in p.inputs())
+    assert use_tma(q, k), "the descriptor path must be the one tested"
+    check(p, dtype, device)
+
+
+@interpret
+@needs_interpret
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@settings(max_examples=8)
+@given(p=problems(rows=SMALL).map(aligned))
+@example(p=Problem(m=37, n=37, d=40, symmetric=True, scale=100.0, unit=True, seed=1))
+def test_tma_path_interpreted(small_blocks, dtype, p):
+    """Tiles loaded through TMA descriptors (zero-filled past the edges instead of masked)."""
+    with tma_everywhere():
+        check_tma(p, dtype, "cpu")
+
+
+def underflowing_column(m: int, d: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit rows that all point one way but for key 0, which points the other way: at scale
+    100 each row's largest logit is about +100 and every logit of column 0 about -100, so the
+    column terms `exp(S - R)` of the separable column sums (`lse_fwd.SEPARABLE`) underflow."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.zeros(m, d, dtype=torch.float64)
+    q[:, 0] = 1
+    q[:, 1:] = 0.01 * torch.randn(m, d - 1, generator=gen, dtype=torch.float64)
+    k = q.clone()
+    k[0] = -q[0]
+    return F.normalize(q, dim=1).to(device), F.normalize(k, dim=1).to(device)
+
+
+def check_underflowing_column(device: str, m: int, d: int) -> None:
+    q64, k64 = underflowing_column(m, d, device)
+    for dtype in (torch.bfloat16, torch.float16):
+        q, k = q64.to(dtype), k64.to(dtype)
+        s = torch.tensor(100.0, device=device)
+        _, col, _ = lse_fwd.lse_fwd(q, k, s, torch.arange(m, device=device), 0, True, "ieee")
+        want = torch.logsumexp(100.0 * (q.double() @ k.double().T), dim=0)
+        torch.testing.assert_close(col, want, rtol=1e-6, atol=1e-5)
+        assert_close_to_naive(infcl.inf_loss, q64, k64, 100.0, dtype=dtype, symmetric=True)
+
+
+@interpret
+@needs_interpret
+def test_separable_columns_recomputed_where_they_underflow_interpreted(small_blocks):
+    """Column 0's terms all underflow in the separable sums: the merge finds the column
+    (`FLUSH_MARGIN`) and recomputes it exactly, so its LSE is about -100 + log(M), not -inf."""
+    check_underflowing_column("cpu", 40, 16)
 
 
 @interpret
@@ -364,6 +444,28 @@ CUDA_CASES = [(torch.bfloat16, None), (torch.float16, None)] + [
 @example(p=Problem(m=1, n=1, d=33, symmetric=True, scale=86.0, seed=0))
 def test_kernels_match_naive_cuda(dtype, precision, p):
     check(p, dtype, "cuda", precision=precision)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@settings(max_examples=10)
+@given(p=problems(rows=st.integers(1, 600) | st.sampled_from([1, 97, 257, 513])).map(aligned))
+@example(p=Problem(m=300, n=300, d=48, symmetric=True, scale=100.0, unit=True, seed=3))
+@example(p=Problem(m=1, n=1, d=32, symmetric=True, scale=86.0, seed=0))
+def test_tma_path_cuda(dtype, p):
+    """The TMA kernels with their real tiles (128 x 256 forward, 128 x 128 backward) at any
+    size."""
+    with tma_everywhere():
+        check_tma(p, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("m", [40, 5000])
+def test_separable_columns_recomputed_where_they_underflow_cuda(m):
+    with tma_everywhere():
+        check_underflowing_column("cuda", m, 64)
 
 
 @pytest.mark.gpu

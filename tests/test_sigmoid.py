@@ -270,6 +270,34 @@ def test_triton_matches_naive_interpreted(small_blocks, dtype, c):
     check(infcl.inf_sigmoid_loss, c, dtype, precision="ieee")
 
 
+def aligned(c: Case) -> Case:
+    """c with D a multiple of 8 (16-byte rows in bf16 and fp16, as TMA descriptors need)."""
+    return dataclasses.replace(c, d=8 * (1 + c.d % 6))
+
+
+def check_tma(c: Case, dtype: torch.dtype, device: str) -> None:
+    """The sigmoid kernels with their tiles loaded through TMA descriptors, at any size."""
+    from infcl.kernels.logits import use_tma
+
+    saved = configs.TMA_MIN_LOGITS
+    configs.TMA_MIN_LOGITS = 0
+    try:
+        q, k = (x.to(dtype).to(device) for x in c.inputs())
+        assert use_tma(q, k), "the descriptor path must be the one tested"
+        check(infcl.inf_sigmoid_loss, c, dtype, device)
+    finally:
+        configs.TMA_MIN_LOGITS = saved
+
+
+@pytest.mark.interpret
+@pytest.mark.skipif(not INTERPRET, reason="set TRITON_INTERPRET=1 (make test does)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@given(c=cases(rows=st.integers(1, 40) | st.sampled_from([17, 31, 37])).map(aligned))
+@settings(max_examples=6)
+def test_tma_path_interpreted(small_blocks, dtype, c):
+    check_tma(c, dtype, "cpu")
+
+
 CUDA_CASES = [(torch.bfloat16, None), (torch.float16, None)] + [
     (torch.float32, precision) for precision in configs.PRECISIONS
 ]
@@ -290,6 +318,16 @@ def test_triton_matches_naive_cuda(dtype, precision, c):
 
     assert inf._block(torch.empty(1, dtype=dtype, device="cuda")) == "inf"
     check(infcl.inf_sigmoid_loss, c, dtype, "cuda", precision=precision)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@given(c=cases(rows=st.integers(1, 600) | st.sampled_from([1, 97, 257, 513])).map(aligned))
+@settings(max_examples=8)
+@example(c=Case(m=300, n=300, d=48, scale=100.0, bias=-10.0, seed=3))
+def test_tma_path_cuda(dtype, c):
+    check_tma(c, dtype, "cuda")
 
 
 @pytest.mark.interpret

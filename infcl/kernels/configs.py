@@ -73,27 +73,39 @@ INTERPRET_TILE = Tile(16, 16, 16, 1, 1)
 edges) appear even at small shapes."""
 
 
-def fwd_tile(dtype: torch.dtype, symmetric: bool = False) -> Tile:
+TMA_MIN_LOGITS = 1 << 24
+"""bf16 and fp16 products of at least this many logits (4096 x 4096) load their tiles through
+TMA descriptors (`logits.use_tma`), with the larger tiles below; smaller ones are host-bound
+and keep pointer loads. Tests lower it to run the TMA path at small shapes."""
+
+
+def fwd_tile(dtype: torch.dtype, symmetric: bool = False, tma: bool = False) -> Tile:
     """Tile of the forward kernels. The symmetric softmax forward also reduces each tile along
-    its columns; a smaller tile with fewer warps is faster there (H200, B=65536, D=512, bf16:
-    19.7 ms against 24.1 ms for the one-direction tile)."""
+    its columns; with pointer loads a smaller tile with fewer warps is faster there (H200,
+    B=65536, D=512, bf16: 19.7 ms against 24.1 ms for the one-direction tile). With TMA loads
+    (`tma`) the large tiles win for both (benchmarks/kernel_lab.py, H200, B=32768: the row and
+    column statistics 3.02 ms at 128 x 256 x 64, 8 warps, against 3.68 ms at 64 x 128 x 64)."""
     if INTERPRET:
         return INTERPRET_TILE
     if dtype == torch.float32:
         return Tile(128, 128, 32, 8, 3)
+    if tma:
+        return Tile(128, 256, 64, 8, 3)
     return Tile(64, 128, 64, 4, 3) if symmetric else Tile(128, 256, 32, 8, 4)
 
 
-def bwd_tile(dtype: torch.dtype) -> Tile:
-    """Tile of the backward logit-gradient kernel."""
+def bwd_tile(dtype: torch.dtype, tma: bool = False) -> Tile:
+    """Tile of the backward logit-gradient kernel. With TMA loads 128 x 128 with 8 warps (H200,
+    benchmarks/kernel_lab.py, a dS-like epilogue over 16384^2 logits: 0.57 ms against 0.77 ms
+    for 64 x 128 with 4 warps, whose pointer loads did best at that tile)."""
     if INTERPRET:
         return INTERPRET_TILE
     if dtype == torch.float32:  # the forward's tile: fp32 recomputes S exactly as it did
         return Tile(128, 128, 32, 8, 3)
-    return Tile(64, 128, 64, 4, 3)
+    return Tile(128, 128, 64, 8, 3) if tma else Tile(64, 128, 64, 4, 3)
 
 
-def sigmoid_tile(dtype: torch.dtype) -> Tile:
+def sigmoid_tile(dtype: torch.dtype, tma: bool = False) -> Tile:
     """Tile of the sigmoid loss's logit-gradient kernel (fused with its loss for "mean" and
     "sum"). Its epilogue is longer than the softmax one's: at 64 x 128 with 4 warps ptxas spills
     1.9 KB per thread (H200, B = 65536, D = 512, bf16: 67.7 ms for the fused kernel and its
@@ -104,7 +116,7 @@ def sigmoid_tile(dtype: torch.dtype) -> Tile:
         return INTERPRET_TILE
     if dtype == torch.float32:
         return bwd_tile(dtype)
-    return Tile(64, 64, 128, 4, 3)
+    return Tile(128, 128, 64, 8, 3) if tma else Tile(64, 64, 128, 4, 3)
 
 
 PARTS = 16

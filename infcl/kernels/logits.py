@@ -4,6 +4,7 @@ kernels recompute, and the backward's cuBLAS helpers (fp32 accumulation, fp32 pr
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,6 +14,11 @@ import triton.language as tl
 from torch import Tensor
 
 from infcl.kernels import configs
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # a Triton without host-side tensor descriptors: pointer loads only
+    TensorDescriptor = None
 
 LOG2E = tl.constexpr(1.4426950408889634)
 """log2(e): the kernels take exponentials as `exp2(x * LOG2E)`."""
@@ -89,25 +95,34 @@ def _round_tf32(x):
 
 @triton.jit
 def qk_tile(
-    q_ptr, k_ptr, o_m, o_n, m_m, m_n, D, stride_qm, stride_qd, stride_kn, stride_kd,
+    q_ptr, k_ptr, q_desc, k_desc, row0, col0, o_m, o_n, m_m, m_n, D,
+    stride_qm, stride_qd, stride_kn, stride_kd,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,  # the interpreter computes low-precision dots wrongly: go through fp32
     IS_FP32: tl.constexpr,  # fp32 inputs take PRECISION ("ieee", "tf32x3", "tf32"); others ignore it
     PRECISION: tl.constexpr,
+    TMA: tl.constexpr,  # bf16/fp16: q and k come through the descriptors (see `descriptors`)
 ):
     """`q[o_m] @ k[o_n].T` unscaled, fp32 `[BLOCK_M, BLOCK_N]`; masked rows and columns are 0.
     Both stages call it, so the backward recomputes the forward's logits the same way. With
-    PRECISION "tf32" the fp32 inputs are rounded to TF32 first (see `_round_tf32`). With "ieee"
-    each BLOCK_D chunk is summed on its own and the chunk sums are added (`add_rn`): one chain
-    of D FMAs per logit errs up to about 3x more than cuBLAS's blocked sums at scale 100."""
+    TMA the tiles at rows `row0` and columns `col0` of the descriptors are loaded by the copy
+    engine instead (out-of-range rows and D columns read as 0, so no masks; the pointers are
+    unused). With PRECISION "tf32" the fp32 inputs are rounded to TF32 first (see
+    `_round_tf32`). With "ieee" each BLOCK_D chunk is summed on its own and the chunk sums are
+    added (`add_rn`): one chain of D FMAs per logit errs up to about 3x more than cuBLAS's
+    blocked sums at scale 100."""
     b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for start_d in range(0, D, BLOCK_D):
-        o_d = start_d + tl.arange(0, BLOCK_D)
-        m_d = o_d < D
-        p_q = q_ptr + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd
-        p_k = k_ptr + o_d[:, None] * stride_kd + o_n[None, :] * stride_kn
-        b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-        b_k = tl.load(p_k, mask=m_d[:, None] & m_n[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
+        if TMA:
+            b_q = q_desc.load([row0, start_d])  # [BLOCK_M, BLOCK_D]
+            b_k = k_desc.load([col0, start_d]).T  # [BLOCK_D, BLOCK_N]
+        else:
+            o_d = start_d + tl.arange(0, BLOCK_D)
+            m_d = o_d < D
+            p_q = q_ptr + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd
+            p_k = k_ptr + o_d[:, None] * stride_kd + o_n[None, :] * stride_kn
+            b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+            b_k = tl.load(p_k, mask=m_d[:, None] & m_n[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
         if UPCAST:
             b_acc = tl.dot(b_q.to(tl.float32), b_k.to(tl.float32), b_acc, input_precision="ieee")
         elif IS_FP32 and PRECISION == "tf32":
@@ -119,6 +134,39 @@ def qk_tile(
         else:
             b_acc = tl.dot(b_q, b_k, b_acc)  # [BLOCK_M, BLOCK_N]
     return b_acc
+
+
+def use_tma(q: Tensor, k: Tensor) -> bool:
+    """Whether q and k go to the kernels through TMA descriptors: bf16 and fp16 rows that are
+    contiguous and 16-byte aligned, on a GPU with the copy engine (compute capability 9 and up;
+    the interpreter emulates it, so the CPU tests run this path too), for products of at least
+    `configs.TMA_MIN_LOGITS` logits (below that a step is host-bound, and building the
+    descriptors costs host time)."""
+    if TensorDescriptor is None or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if q.shape[0] * k.shape[0] < configs.TMA_MIN_LOGITS:
+        return False
+    if not configs.INTERPRET and not (q.is_cuda and _has_tma(q.device.index or 0)):
+        return False
+    size = q.element_size()
+    return all(
+        x.stride(1) == 1 and (x.stride(0) * size) % 16 == 0 and x.data_ptr() % 16 == 0
+        for x in (q, k)
+    )
+
+
+@functools.cache
+def _has_tma(device: int) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def descriptors(q: Tensor, k: Tensor, tile: Any, tma: bool) -> tuple[Any, Any]:
+    """The kernels' `q_desc, k_desc`: TMA descriptors of q's `[block_m, block_d]` and k's
+    `[block_n, block_d]` tiles when `tma`, else q and k themselves (never read)."""
+    if not tma:
+        return q, k
+    return (TensorDescriptor.from_tensor(q, [tile.block_m, tile.block_d]),
+            TensorDescriptor.from_tensor(k, [tile.block_n, tile.block_d]))
 
 
 @contextlib.contextmanager

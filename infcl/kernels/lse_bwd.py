@@ -21,6 +21,7 @@ from infcl.kernels import configs
 from infcl.kernels.configs import INTERPRET, Tile, bwd_tile
 from infcl.kernels.logits import (
     LOG2E,
+    descriptors,
     ds_gemms,
     exp_precise,
     fp16_grad_scale,
@@ -28,6 +29,7 @@ from infcl.kernels.logits import (
     part,
     qk_tile,
     scale_logits,
+    use_tma,
 )
 from infcl.kernels.numerics import autocast_off
 
@@ -57,7 +59,7 @@ def _stats(lse_ptr, g_ptr, stride_g, o, mask):
 
 @triton.jit
 def _ds_kernel(
-    q_ptr, k_ptr, scale_ptr, inv_g_ptr, y_ptr,
+    q_ptr, k_ptr, q_desc, k_desc, scale_ptr, inv_g_ptr, y_ptr,
     r_lse_ptr, c_lse_ptr, g_row_ptr, g_col_ptr, g_pos_ptr,
     ds_ptr, dscale_ptr,
     M, N, D, col_offset, cols_per_part,
@@ -72,6 +74,7 @@ def _ds_kernel(
     PRECISION: tl.constexpr,
     PRECISE: tl.constexpr,  # fp32 inputs: subtract the LSE in two exact steps (see _softmax)
     ROUNDED: tl.constexpr,  # fp32, fp16 on a GPU: S rounded alone (see logits.scale_logits)
+    TMA: tl.constexpr,  # q and k through the descriptors of this block (see logits.qk_tile)
 ):
     """Writes `scale * dS` (fp16: `scale * dS / g_max`) in ds's dtype, so that the GEMMs after
     it give dq and dk without another pass; and per-program partial sums of `dS * (q @ k.T)`.
@@ -97,8 +100,9 @@ def _ds_kernel(
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = o_n < col_hi
         b_acc = qk_tile(  # [BLOCK_M, BLOCK_N], q @ k.T unscaled (k's offsets in 64 bits)
-            q_ptr, k_ptr, o_i, o_n.to(tl.int64), m_m, m_n, D, stride_qm, stride_qd, stride_kn,
-            stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION,
+            q_ptr, k_ptr, q_desc, k_desc, (pid_m * BLOCK_M).to(tl.int32), start_n, o_i,
+            o_n.to(tl.int64), m_m, m_n, D, stride_qm, stride_qd, stride_kn, stride_kd,
+            BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION, TMA,
         )
         b_s = scale_logits(b_acc, s, ROUNDED)
         b_ds = b_gr[:, None] * _softmax(b_s, b_rh[:, None], b_rl[:, None], PRECISE)
@@ -135,14 +139,16 @@ def ds_bwd(
     if not symmetric:  # never read; any valid pointer will do
         col_lse, g_col = row_lse, g_row
     y = labels.contiguous()
-    t = tile or bwd_tile(q.dtype)
+    tma = use_tma(q, k)
+    t = tile or bwd_tile(q.dtype, tma)
 
     def launch(rows, cols, ds, sums, grid, cols_per):
         c_rows = cols if symmetric else slice(None)
         # autograd hands in expanded (stride-0) gradients: the kernel reads them by stride
         g_r, g_c, g_p = part(g_row, rows), part(g_col, c_rows), part(g_pos, rows)
+        q_b, k_b = part(q, rows), part(k, cols)
         _ds_kernel[grid](
-            part(q, rows), part(k, cols), scale, scale if g_max is None else 1.0 / g_max,
+            q_b, k_b, *descriptors(q_b, k_b, t, tma), scale, scale if g_max is None else 1.0 / g_max,
             part(y, rows), part(row_lse, rows), part(col_lse, c_rows), g_r, g_c, g_p,
             ds, sums[0],
             ds.shape[0], ds.shape[1], d, col_offset + cols.start, cols_per,
@@ -153,7 +159,7 @@ def ds_bwd(
             SYMMETRIC=symmetric, G_SCALED=g_max is not None,
             UPCAST=INTERPRET and q.dtype in (torch.float16, torch.bfloat16),
             IS_FP32=q.dtype == torch.float32, PRECISION=precision,
-            PRECISE=q.dtype == torch.float32, ROUNDED=configs.rounded_logits(q.dtype),
+            PRECISE=q.dtype == torch.float32, ROUNDED=configs.rounded_logits(q.dtype), TMA=tma,
             num_warps=t.num_warps, num_stages=t.num_stages,
         )
 

@@ -19,13 +19,21 @@ from torch import Tensor
 
 from infcl.kernels import configs
 from infcl.kernels.configs import INTERPRET, Tile, fwd_tile, split
-from infcl.kernels.logits import LOG2E, exp_of, local_column, qk_tile, scale_logits
+from infcl.kernels.logits import (
+    LOG2E,
+    descriptors,
+    exp_of,
+    local_column,
+    qk_tile,
+    scale_logits,
+    use_tma,
+)
 from infcl.kernels.numerics import LSE_DTYPE, autocast_off
 
 
 @triton.jit
 def _lse_fwd_kernel(
-    q_ptr, k_ptr, scale_ptr, y_ptr, row_ptr, col_ptr,
+    q_ptr, k_ptr, q_desc, k_desc, scale_ptr, y_ptr, row_ptr, col_ptr,
     M, N, D, col_offset, rows_per_part, cols_per_part,
     stride_qm, stride_qd, stride_kn, stride_kd,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -35,9 +43,18 @@ def _lse_fwd_kernel(
     IS_FP32: tl.constexpr,  # fp32 inputs take PRECISION (see configs.PRECISIONS); others ignore it
     PRECISION: tl.constexpr,
     ROUNDED: tl.constexpr,  # fp32, fp16 on a GPU: S rounded alone (see logits.scale_logits)
+    TMA: tl.constexpr,  # q and k through the descriptors (see logits.qk_tile)
+    SEPARABLE: tl.constexpr,  # column sums from the row probabilities (see below)
 ):
     """Row partials `row_ptr[3, Q, M]` (max, sum of exp(S - max), positive logit); with
-    SYMMETRIC, column partials `col_ptr[2, P, N]` (max, sum)."""
+    SYMMETRIC, column partials `col_ptr[2, P, N]` (reference, sum of exp(S - reference)).
+
+    The column statistics: exactly (each tile's column max, and a second exponential per
+    logit), or with SEPARABLE (bf16, fp16) from the row probabilities `p = exp(S - r_i)` that
+    the row sums take anyway: `exp(S - R) = p * exp(r_i - R)` with R the tile's largest row
+    reference, one multiply per logit and no column max. A term that underflows there is below
+    `2^-126 exp(R)`; `_merge_kernel` bounds what such terms can change and recomputes the
+    columns where that is not negligible."""
     pid_p = tl.program_id(0).to(tl.int64)
     pid_q = tl.program_id(1).to(tl.int64)
     n_p = tl.num_programs(0).to(tl.int64)
@@ -58,9 +75,15 @@ def _lse_fwd_kernel(
         for start_n in range(col_lo, col_hi, BLOCK_N):
             o_n = start_n + tl.arange(0, BLOCK_N)
             m_n = o_n < col_hi
+            if SYMMETRIC:  # this program's column partials, loaded before the product needs them
+                p_c = col_ptr + pid_p * N + o_n
+                m_old = m_n & (start_m > row_lo)  # nothing stored yet on the first row block
+                c_max = tl.load(p_c, mask=m_old, other=float("-inf"))
+                c_sum = tl.load(p_c + n_p * N, mask=m_old, other=0.0)
             b_acc = qk_tile(  # [BLOCK_M, BLOCK_N], q @ k.T unscaled
-                q_ptr, k_ptr, o_m, o_n, m_m, m_n, D, stride_qm, stride_qd, stride_kn, stride_kd,
-                BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION,
+                q_ptr, k_ptr, q_desc, k_desc, tl.cast(start_m, tl.int32), tl.cast(start_n, tl.int32),
+                o_m, o_n, m_m, m_n, D, stride_qm, stride_qd, stride_kn, stride_kd,
+                BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION, TMA,
             )
             # rows past the partition keep finite values here; columns past it are -inf
             b_s = scale_logits(b_acc, s, ROUNDED)
@@ -69,17 +92,22 @@ def _lse_fwd_kernel(
             b_new = tl.maximum(b_max, tl.max(b_s, axis=1))
             # fp32: S - max first, exact near the max, so the sum keeps fp32's digits; bf16/fp16
             # lose nothing to a single FMA (its rounding is far below their input rounding)
-            b_sum = b_sum * tl.exp2((b_max - b_new) * LOG2E) + tl.sum(
-                exp_of(b_s - b_new[:, None], IS_FP32), axis=1)
+            b_p = exp_of(b_s - b_new[:, None], IS_FP32)
+            b_sum = b_sum * tl.exp2((b_max - b_new) * LOG2E) + tl.sum(b_p, axis=1)
             b_max = b_new
             o_j = (start_n - col_lo).to(tl.int32) + tl.arange(0, BLOCK_N)  # in the partition
             b_pos += tl.sum(tl.where(o_j[None, :] == b_y[:, None], b_acc, 0.0), axis=1)
-            if SYMMETRIC:  # the same tile's columns, into this program's own column partials
+            if SYMMETRIC and SEPARABLE:  # the same tile's columns, into this program's partials
+                b_r = b_new if EVEN else tl.where(m_m, b_new, float("-inf"))
+                t_ref = tl.max(b_r, axis=0)
+                b_a = tl.exp2((b_r - t_ref) * LOG2E)  # [BLOCK_M], 0 on rows past the partition
+                c_new = tl.maximum(c_max, t_ref)
+                c_sum = c_sum * tl.exp2((c_max - c_new) * LOG2E) + tl.sum(
+                    b_p * b_a[:, None], axis=0) * tl.exp2((t_ref - c_new) * LOG2E)
+                tl.store(p_c, c_new, mask=m_n)
+                tl.store(p_c + n_p * N, c_sum, mask=m_n)
+            elif SYMMETRIC:
                 b_sc = b_s if EVEN else tl.where(m_m[:, None], b_s, float("-inf"))
-                p_c = col_ptr + pid_p * N + o_n
-                m_old = m_n & (start_m > row_lo)  # nothing stored yet on the first row block
-                c_max = tl.load(p_c, mask=m_old, other=float("-inf"))
-                c_sum = tl.load(p_c + n_p * N, mask=m_old, other=0.0)
                 c_new = tl.maximum(c_max, tl.max(b_sc, axis=0))
                 c_sum = c_sum * tl.exp2((c_max - c_new) * LOG2E) + tl.sum(
                     exp_of(b_sc - c_new[None, :], IS_FP32), axis=0)
@@ -94,11 +122,14 @@ def _lse_fwd_kernel(
 
 
 @triton.jit
-def _merge(max_ptr, sum_ptr, lse_ptr, o, mask, L, n_parts):
-    """`lse[o] = logsumexp_p(max[p, o] + log(sum[p, o]))` in float64."""
+def _merge(max_ptr, sum_ptr, o, mask, L, n_parts):
+    """`logsumexp_p(max[p, o] + log(sum[p, o]))` in float64, and `max_p max[p, o]`."""
     best = tl.full(o.shape, float("-inf"), dtype=tl.float64)
+    top = tl.full(o.shape, float("-inf"), dtype=tl.float32)
     for p in range(0, n_parts):
-        x = tl.load(max_ptr + p * L + o, mask=mask, other=0.0).to(tl.float64) + tl.log(
+        b_max = tl.load(max_ptr + p * L + o, mask=mask, other=0.0)
+        top = tl.maximum(top, b_max)
+        x = b_max.to(tl.float64) + tl.log(
             tl.load(sum_ptr + p * L + o, mask=mask, other=1.0).to(tl.float64))
         best = tl.maximum(best, x)
     ref = tl.where((best == float("inf")) | (best == float("-inf")), 0.0, best)  # no inf - inf
@@ -107,14 +138,49 @@ def _merge(max_ptr, sum_ptr, lse_ptr, o, mask, L, n_parts):
         x = tl.load(max_ptr + p * L + o, mask=mask, other=0.0).to(tl.float64) + tl.log(
             tl.load(sum_ptr + p * L + o, mask=mask, other=1.0).to(tl.float64))
         total += tl.exp(x - ref)
-    tl.store(lse_ptr + o, ref + tl.log(total), mask=mask)
+    return ref + tl.log(total), top
+
+
+FLUSH_MARGIN = 75.5
+"""A SEPARABLE column term lost to underflow is below `2^-126 exp(R) = exp(R - 87.3)`; at most
+M of them leave a relative error below `M exp(top - 87.3 - lse)`. Columns where that bound
+passes `2^-17` (`lse < top + log(M) - 75.5`) are recomputed exactly."""
+
+
+@triton.jit
+def _exact_columns(q_ptr, k_ptr, scale_ptr, o, m_o, M, D,
+                   stride_qm, stride_qd, stride_kn, stride_kd,
+                   BLOCK: tl.constexpr, FIX_M: tl.constexpr, FIX_D: tl.constexpr,
+                   UPCAST: tl.constexpr, ROUNDED: tl.constexpr):
+    """Column LSEs [BLOCK] of columns `o` over all M rows with each column's own running max
+    (the forward's exact method; pointer loads, bf16/fp16 only)."""
+    s = tl.load(scale_ptr).to(tl.float32)
+    c_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    c_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    for start_m in range(0, M, FIX_M):
+        o_m = start_m + tl.arange(0, FIX_M)
+        m_m = o_m < M
+        b_acc = qk_tile(
+            q_ptr, k_ptr, q_ptr, k_ptr, 0, 0, o_m, o, m_m, m_o, D,
+            stride_qm, stride_qd, stride_kn, stride_kd, FIX_M, BLOCK, FIX_D, UPCAST,
+            False, "ieee", False,
+        )
+        b_s = tl.where(m_m[:, None], scale_logits(b_acc, s, ROUNDED), float("-inf"))
+        c_new = tl.maximum(c_max, tl.max(b_s, axis=0))
+        c_sum = c_sum * tl.exp2((c_max - c_new) * LOG2E) + tl.sum(
+            tl.exp2((b_s - c_new[None, :]) * LOG2E), axis=0)
+        c_max = c_new
+    return c_max.to(tl.float64) + tl.log(c_sum.to(tl.float64))
 
 
 @triton.jit
 def _merge_kernel(row_ptr, col_ptr, row_lse_ptr, col_lse_ptr, pos_ptr, M, N, n_q, n_p,
-                  BLOCK: tl.constexpr):
+                  q_ptr, k_ptr, scale_ptr, D, stride_qm, stride_qd, stride_kn, stride_kd,
+                  BLOCK: tl.constexpr, SEPARABLE: tl.constexpr, FIX_M: tl.constexpr,
+                  FIX_D: tl.constexpr, UPCAST: tl.constexpr, ROUNDED: tl.constexpr):
     """Program column 0: row LSE [M] and positive logit [M] from the `[3, Q, M]` row partials;
-    column 1 (symmetric only): column LSE [N] from the `[2, P, N]` column partials."""
+    column 1 (symmetric only): column LSE [N] from the `[2, P, N]` column partials, with
+    SEPARABLE the columns that underflow may have changed recomputed (`FLUSH_MARGIN`)."""
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     # int64 offsets ((2 * n_q + p) * M passes 2**31 beyond 44M rows); `zero + x` also holds for x
     # that Triton specialised to a constant 1
@@ -122,13 +188,23 @@ def _merge_kernel(row_ptr, col_ptr, row_lse_ptr, col_lse_ptr, pos_ptr, M, N, n_q
     M, N, n_q, n_p = zero + M, zero + N, zero + n_q, zero + n_p
     if tl.program_id(1) == 0:
         m = o < M
-        _merge(row_ptr, row_ptr + n_q * M, row_lse_ptr, o, m, M, n_q)
+        lse, _ = _merge(row_ptr, row_ptr + n_q * M, o, m, M, n_q)
+        tl.store(row_lse_ptr + o, lse, mask=m)
         pos = tl.zeros([BLOCK], dtype=tl.float32)
         for p in range(0, n_q):
             pos += tl.load(row_ptr + (2 * n_q + p) * M + o, mask=m, other=0.0)
         tl.store(pos_ptr + o, pos, mask=m)
     else:
-        _merge(col_ptr, col_ptr + n_p * N, col_lse_ptr, o, o < N, N, n_p)
+        m = o < N
+        lse, top = _merge(col_ptr, col_ptr + n_p * N, o, m, N, n_p)
+        if SEPARABLE:
+            bad = m & (lse < top.to(tl.float64) + tl.log(M.to(tl.float64)) - FLUSH_MARGIN)
+            if tl.max(bad.to(tl.int32), axis=0) > 0:
+                exact = _exact_columns(q_ptr, k_ptr, scale_ptr, o, m, M, D, stride_qm,
+                                       stride_qd, stride_kn, stride_kd, BLOCK, FIX_M, FIX_D,
+                                       UPCAST, ROUNDED)
+                lse = tl.where(bad, exact, lse)
+        tl.store(col_lse_ptr + o, lse, mask=m)
 
 
 MERGE_BLOCK = 128
@@ -148,28 +224,37 @@ def lse_fwd(
     if m == 0 or n == 0:
         col = torch.full((n if symmetric else 0,), float("-inf"), **lse)
         return torch.full((m,), float("-inf"), **lse), col, q.new_zeros(m, dtype=torch.float32)
-    t = tile or fwd_tile(q.dtype, symmetric)
+    tma = use_tma(q, k)
+    t = tile or fwd_tile(q.dtype, symmetric, tma)
+    q_desc, k_desc = descriptors(q, k, t, tma)
     n_p, rows_per = split(m, t.block_m, configs.PARTS)
     n_q, cols_per = split(n, t.block_n, configs.PARTS)
     n_row, n_col = 3 * n_q * m, (2 * n_p * n if symmetric else 0)
     part = torch.empty(n_row + n_col, dtype=torch.float32, device=q.device)
     row_part, col_part = part[:n_row], part[n_row:] if symmetric else part
+    upcast = INTERPRET and q.dtype in (torch.float16, torch.bfloat16)
+    rounded = configs.rounded_logits(q.dtype)
+    separable = symmetric and q.dtype != torch.float32
     _lse_fwd_kernel[(n_p, n_q)](
-        q, k, scale, labels.contiguous(), row_part, col_part,  # the kernel reads them densely
+        q, k, q_desc, k_desc, scale, labels.contiguous(), row_part, col_part,
         m, n, d, col_offset, rows_per, cols_per,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
         EVEN=m % t.block_m == 0 and n % t.block_n == 0, SYMMETRIC=symmetric,
-        UPCAST=INTERPRET and q.dtype in (torch.float16, torch.bfloat16),
-        IS_FP32=q.dtype == torch.float32, PRECISION=precision,
-        ROUNDED=configs.rounded_logits(q.dtype),
+        UPCAST=upcast, IS_FP32=q.dtype == torch.float32, PRECISION=precision,
+        ROUNDED=rounded, TMA=tma, SEPARABLE=separable,
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
     row, pos = torch.empty(m, **lse), torch.empty(m, dtype=torch.float32, device=q.device)
     col = torch.empty(n if symmetric else 0, **lse)
     grid = (triton.cdiv(max(m, n if symmetric else 0), MERGE_BLOCK), 2 if symmetric else 1)
-    _merge_kernel[grid](row_part, col_part, row, col if symmetric else row, pos, m, n, n_q, n_p,
-                        BLOCK=MERGE_BLOCK)
+    fix = configs.INTERPRET_TILE if INTERPRET else Tile(32, MERGE_BLOCK, 32, 4, 1)
+    _merge_kernel[grid](
+        row_part, col_part, row, col if symmetric else row, pos, m, n, n_q, n_p,
+        q, k, scale, d, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        BLOCK=MERGE_BLOCK, SEPARABLE=separable, FIX_M=fix.block_m, FIX_D=fix.block_d,
+        UPCAST=upcast, ROUNDED=rounded,
+    )
     return row, col, pos
 
 

@@ -17,14 +17,23 @@ from torch import Tensor
 
 from infcl.kernels import configs
 from infcl.kernels.configs import INTERPRET, Tile, sigmoid_tile
-from infcl.kernels.logits import ds_gemms, exp_of, fp16_grad_scale, local_column, part, qk_tile
+from infcl.kernels.logits import (
+    descriptors,
+    ds_gemms,
+    exp_of,
+    fp16_grad_scale,
+    local_column,
+    part,
+    qk_tile,
+    use_tma,
+)
 from infcl.kernels.numerics import autocast_off
 from infcl.kernels.sigmoid_fwd import softplus_rows
 
 
 @triton.jit
 def _sigmoid_ds_kernel(
-    q_ptr, k_ptr, scale_ptr, bias_ptr, inv_g_ptr, y_ptr, g_row_ptr,
+    q_ptr, k_ptr, q_desc, k_desc, scale_ptr, bias_ptr, inv_g_ptr, y_ptr, g_row_ptr,
     ds_ptr, dscale_ptr, dbias_ptr, loss_ptr,
     M, N, D, col_offset, cols_per_part,
     stride_qm, stride_qd, stride_kn, stride_kd, stride_dsm, stride_g,
@@ -35,6 +44,7 @@ def _sigmoid_ds_kernel(
     IS_FP32: tl.constexpr,  # fp32 inputs take PRECISION (see configs.PRECISIONS); others ignore it
     PRECISION: tl.constexpr,
     WITH_LOSS: tl.constexpr,  # also the partial sums of the loss itself (the fused forward)
+    TMA: tl.constexpr,  # q and k through the descriptors of this block (see logits.qk_tile)
 ):
     """Per tile, `u = dS / g_row = sigmoid(S) - onehot` (the incoming gradient is a row factor,
     applied once per row to the partial sums and once per element to the store) and, WITH_LOSS,
@@ -64,8 +74,9 @@ def _sigmoid_ds_kernel(
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = o_n < col_hi
         b_acc = qk_tile(  # [BLOCK_M, BLOCK_N], q @ k.T unscaled (k's offsets in 64 bits)
-            q_ptr, k_ptr, o_i, o_n.to(tl.int64), m_m, m_n, D, stride_qm, stride_qd, stride_kn,
-            stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION,
+            q_ptr, k_ptr, q_desc, k_desc, (pid_m * BLOCK_M).to(tl.int32), start_n, o_i,
+            o_n.to(tl.int64), m_m, m_n, D, stride_qm, stride_qd, stride_kn, stride_kd,
+            BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION, TMA,
         )
         b_s = b_acc * s + b
         b_e = exp_of(-tl.abs(b_s), IS_FP32)
@@ -111,11 +122,13 @@ def sigmoid_ds_bwd(
         return (*zeros, torch.zeros((), dtype=torch.float32, device=q.device))[: 4 + with_loss]
     g_max = fp16_grad_scale(q, g_row)
     y = labels.contiguous()
-    t = tile or sigmoid_tile(q.dtype)
+    tma = use_tma(q, k)
+    t = tile or sigmoid_tile(q.dtype, tma)
 
     def launch(rows, cols, ds, sums, grid, cols_per):
+        q_b, k_b = part(q, rows), part(k, cols)
         _sigmoid_ds_kernel[grid](
-            part(q, rows), part(k, cols), scale, bias, scale if g_max is None else 1.0 / g_max,
+            q_b, k_b, *descriptors(q_b, k_b, t, tma), scale, bias, scale if g_max is None else 1.0 / g_max,
             part(y, rows), part(g_row, rows), ds, sums[0], sums[1], sums[-1],
             ds.shape[0], ds.shape[1], d, col_offset + cols.start, cols_per,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), ds.stride(0), g_row.stride(0),
@@ -123,7 +136,7 @@ def sigmoid_ds_bwd(
             EVEN=ds.shape[0] % t.block_m == 0 and ds.shape[1] % t.block_n == 0,
             G_SCALED=g_max is not None,
             UPCAST=INTERPRET and q.dtype in (torch.float16, torch.bfloat16),
-            IS_FP32=q.dtype == torch.float32, PRECISION=precision, WITH_LOSS=with_loss,
+            IS_FP32=q.dtype == torch.float32, PRECISION=precision, WITH_LOSS=with_loss, TMA=tma,
             num_warps=t.num_warps, num_stages=t.num_stages,
         )
 

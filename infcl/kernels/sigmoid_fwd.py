@@ -17,7 +17,7 @@ from torch import Tensor
 
 from infcl.kernels import configs
 from infcl.kernels.configs import INTERPRET, Tile, fwd_tile, split
-from infcl.kernels.logits import exp_of, qk_tile
+from infcl.kernels.logits import descriptors, exp_of, qk_tile, use_tma
 from infcl.kernels.numerics import autocast_off
 
 
@@ -70,13 +70,14 @@ def softplus(x, PRECISE: tl.constexpr):
 
 @triton.jit
 def _sigmoid_fwd_kernel(
-    q_ptr, k_ptr, scale_ptr, bias_ptr, y_ptr, part_ptr,
+    q_ptr, k_ptr, q_desc, k_desc, scale_ptr, bias_ptr, y_ptr, part_ptr,
     M, N, D, col_offset, rows_per_part, cols_per_part,
     stride_qm, stride_qd, stride_kn, stride_kd,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,  # the interpreter computes low-precision dots wrongly: go through fp32
     IS_FP32: tl.constexpr,  # fp32 inputs take PRECISION (see configs.PRECISIONS); others ignore it
     PRECISION: tl.constexpr,
+    TMA: tl.constexpr,  # q and k through the descriptors (see logits.qk_tile)
 ):
     pid_p = tl.program_id(0).to(tl.int64)
     pid_q = tl.program_id(1).to(tl.int64)
@@ -95,8 +96,9 @@ def _sigmoid_fwd_kernel(
             o_n = start_n + tl.arange(0, BLOCK_N)
             m_n = o_n < col_hi
             b_acc = qk_tile(  # [BLOCK_M, BLOCK_N], q @ k.T unscaled
-                q_ptr, k_ptr, o_m, o_n, m_m, m_n, D, stride_qm, stride_qd, stride_kn, stride_kd,
-                BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION,
+                q_ptr, k_ptr, q_desc, k_desc, tl.cast(start_m, tl.int32), tl.cast(start_n, tl.int32),
+                o_m, o_n, m_m, m_n, D, stride_qm, stride_qd, stride_kn, stride_kd,
+                BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION, TMA,
             )
             b_s = b_acc * s + b
             b_x = tl.where(o_n[None, :] == b_y[:, None], -b_s, b_s)  # -z * S
@@ -114,17 +116,18 @@ def sigmoid_rows(
     m, n, d = q.shape[0], k.shape[0], q.shape[1]
     if m == 0 or n == 0:
         return torch.zeros(m, dtype=torch.float32, device=q.device)
-    t = tile or fwd_tile(q.dtype)
+    tma = use_tma(q, k)
+    t = tile or fwd_tile(q.dtype, tma=tma)
     n_p, rows_per = split(m, t.block_m, configs.PARTS)
     n_q, cols_per = split(n, t.block_n, configs.PARTS)
     part = torch.empty((n_q, m), dtype=torch.float32, device=q.device)
     _sigmoid_fwd_kernel[(n_p, n_q)](
-        q, k, scale, bias, labels.contiguous(), part,
+        q, k, *descriptors(q, k, t, tma), scale, bias, labels.contiguous(), part,
         m, n, d, col_offset, rows_per, cols_per,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
         UPCAST=INTERPRET and q.dtype in (torch.float16, torch.bfloat16),
-        IS_FP32=q.dtype == torch.float32, PRECISION=precision,
+        IS_FP32=q.dtype == torch.float32, PRECISION=precision, TMA=tma,
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return part[0] if n_q == 1 else part.sum(dim=0)
