@@ -73,10 +73,11 @@ INTERPRET_TILE = Tile(16, 16, 16, 1, 1)
 edges) appear even at small shapes."""
 
 
-TMA_MIN_LOGITS = 1 << 24
-"""bf16 and fp16 products of at least this many logits (4096 x 4096) load their tiles through
+TMA_MIN_LOGITS = 1 << 26
+"""bf16 and fp16 products of at least this many logits (8192 x 8192) load their tiles through
 TMA descriptors (`logits.use_tma`), with the larger tiles below; smaller ones are host-bound
-and keep pointer loads. Tests lower it to run the TMA path at small shapes."""
+(and would give the backward's 128-row tiles fewer programs than the GPU has SMs) and keep
+pointer loads. Tests lower it to run the TMA path at small shapes."""
 
 
 def fwd_tile(dtype: torch.dtype, symmetric: bool = False, tma: bool = False) -> Tile:
