@@ -93,21 +93,23 @@ def test_kernels_match_naive_interpreted(small_blocks, dtype, p):
 
 
 @contextlib.contextmanager
-def tma_everywhere():
+def tma_everywhere(bwd_block: int | None = None):
     """The TMA path (descriptor loads and its tiles) at any size, not only past
-    `configs.TMA_MIN_LOGITS` (a context manager, not a fixture: Hypothesis runs every example
-    inside one test call)."""
-    saved = configs.TMA_MIN_LOGITS
+    `configs.TMA_MIN_LOGITS`, and backward blocks of `bwd_block` if given (a context manager,
+    not a fixture: Hypothesis runs every example inside one test call)."""
+    saved = configs.TMA_MIN_LOGITS, configs.BWD_BLOCK
     configs.TMA_MIN_LOGITS = 0
+    configs.BWD_BLOCK = bwd_block or configs.BWD_BLOCK
     try:
         yield
     finally:
-        configs.TMA_MIN_LOGITS = saved
+        configs.TMA_MIN_LOGITS, configs.BWD_BLOCK = saved
 
 
 def aligned(p: Problem) -> Problem:
-    """p with D a multiple of 8: 16-byte rows in bf16 and fp16, as TMA descriptors need."""
-    return dataclasses.replace(p, d=8 * (1 + p.d % 6))
+    """p with D a multiple of 8 (16-byte rows in bf16 and fp16, as TMA descriptors need), up to
+    144: several D chunks of the GPU tiles (64 wide) as well as one."""
+    return dataclasses.replace(p, d=8 * (1 + p.d % 18))
 
 
 def check_tma(p: Problem, dtype: torch.dtype, device: str) -> None:
@@ -455,8 +457,8 @@ def test_kernels_match_naive_cuda(dtype, precision, p):
 @example(p=Problem(m=1, n=1, d=32, symmetric=True, scale=86.0, seed=0))
 def test_tma_path_cuda(dtype, p):
     """The TMA kernels with their real tiles (128 x 256 forward, 128 x 128 backward) at any
-    size."""
-    with tma_everywhere():
+    size; backward blocks of 256 so that descriptors of row and column slices are built."""
+    with tma_everywhere(bwd_block=256):
         check_tma(p, dtype, "cuda")
 
 

@@ -272,21 +272,23 @@ def test_triton_matches_naive_interpreted(small_blocks, dtype, c):
 
 def aligned(c: Case) -> Case:
     """c with D a multiple of 8 (16-byte rows in bf16 and fp16, as TMA descriptors need)."""
-    return dataclasses.replace(c, d=8 * (1 + c.d % 6))
+    return dataclasses.replace(c, d=8 * (1 + c.d % 18))
 
 
-def check_tma(c: Case, dtype: torch.dtype, device: str) -> None:
-    """The sigmoid kernels with their tiles loaded through TMA descriptors, at any size."""
+def check_tma(c: Case, dtype: torch.dtype, device: str, bwd_block: int | None = None) -> None:
+    """The sigmoid kernels with their tiles loaded through TMA descriptors, at any size (and
+    backward blocks of `bwd_block` if given)."""
     from infcl.kernels.logits import use_tma
 
-    saved = configs.TMA_MIN_LOGITS
+    saved = configs.TMA_MIN_LOGITS, configs.BWD_BLOCK
     configs.TMA_MIN_LOGITS = 0
+    configs.BWD_BLOCK = bwd_block or configs.BWD_BLOCK
     try:
         q, k = (x.to(dtype).to(device) for x in c.inputs())
         assert use_tma(q, k), "the descriptor path must be the one tested"
         check(infcl.inf_sigmoid_loss, c, dtype, device)
     finally:
-        configs.TMA_MIN_LOGITS = saved
+        configs.TMA_MIN_LOGITS, configs.BWD_BLOCK = saved
 
 
 @pytest.mark.interpret
@@ -327,7 +329,7 @@ def test_triton_matches_naive_cuda(dtype, precision, c):
 @settings(max_examples=8)
 @example(c=Case(m=300, n=300, d=48, scale=100.0, bias=-10.0, seed=3))
 def test_tma_path_cuda(dtype, c):
-    check_tma(c, dtype, "cuda")
+    check_tma(c, dtype, "cuda", bwd_block=256)  # descriptors of row and column slices too
 
 
 @pytest.mark.interpret

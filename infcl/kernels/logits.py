@@ -149,8 +149,9 @@ def use_tma(q: Tensor, k: Tensor) -> bool:
     if not configs.INTERPRET and not (q.is_cuda and _has_tma(q.device.index or 0)):
         return False
     size = q.element_size()
-    return all(
-        x.stride(1) == 1 and (x.stride(0) * size) % 16 == 0 and x.data_ptr() % 16 == 0
+    return all(  # rows apart (no stride-0 or overlapping rows), contiguous, 16-byte aligned
+        x.stride(1) == 1 and (x.stride(0) >= x.shape[1] or x.shape[0] == 1)
+        and (x.stride(0) * size) % 16 == 0 and x.data_ptr() % 16 == 0
         for x in (q, k)
     )
 

@@ -20,6 +20,7 @@ from torch import Tensor
 from infcl.kernels import configs
 from infcl.kernels.configs import INTERPRET, Tile, fwd_tile, split
 from infcl.kernels.logits import (
+    LN2,
     LOG2E,
     descriptors,
     exp_of,
@@ -29,6 +30,11 @@ from infcl.kernels.logits import (
     use_tma,
 )
 from infcl.kernels.numerics import LSE_DTYPE, autocast_off
+
+SHIFT = tl.constexpr(64.0)
+"""The separable column sums are kept times 2^SHIFT: no term exceeds 2^SHIFT, a sum of all M
+of them stays below 2^(SHIFT + 31) (far from fp32's 2^128), and a term must be 2^-(126 +
+SHIFT) below the tile's row reference, 131.7 in logits, to underflow."""
 
 
 @triton.jit
@@ -47,14 +53,15 @@ def _lse_fwd_kernel(
     SEPARABLE: tl.constexpr,  # column sums from the row probabilities (see below)
 ):
     """Row partials `row_ptr[3, Q, M]` (max, sum of exp(S - max), positive logit); with
-    SYMMETRIC, column partials `col_ptr[2, P, N]` (reference, sum of exp(S - reference)).
+    SYMMETRIC, column partials `col_ptr[2, P, N]` (reference, sum of exp(S - reference); with
+    SEPARABLE the sum times 2^SHIFT).
 
     The column statistics: exactly (each tile's column max, and a second exponential per
     logit), or with SEPARABLE (bf16, fp16) from the row probabilities `p = exp(S - r_i)` that
     the row sums take anyway: `exp(S - R) = p * exp(r_i - R)` with R the tile's largest row
-    reference, one multiply per logit and no column max. A term that underflows there is below
-    `2^-126 exp(R)`; `_merge_kernel` bounds what such terms can change and recomputes the
-    columns where that is not negligible."""
+    reference, one multiply per logit and no column max. The column sums are kept times
+    2^SHIFT, so a term underflows only below `2^-(126 + SHIFT) exp(R)`; `_merge_kernel` bounds
+    what such terms can change and recomputes the columns where that is not negligible."""
     pid_p = tl.program_id(0).to(tl.int64)
     pid_q = tl.program_id(1).to(tl.int64)
     n_p = tl.num_programs(0).to(tl.int64)
@@ -100,7 +107,8 @@ def _lse_fwd_kernel(
             if SYMMETRIC and SEPARABLE:  # the same tile's columns, into this program's partials
                 b_r = b_new if EVEN else tl.where(m_m, b_new, float("-inf"))
                 t_ref = tl.max(b_r, axis=0)
-                b_a = tl.exp2((b_r - t_ref) * LOG2E)  # [BLOCK_M], 0 on rows past the partition
+                # [BLOCK_M], 0 on rows past the partition; times 2^SHIFT (see SHIFT)
+                b_a = tl.exp2((b_r - t_ref) * LOG2E + SHIFT)
                 c_new = tl.maximum(c_max, t_ref)
                 c_sum = c_sum * tl.exp2((c_max - c_new) * LOG2E) + tl.sum(
                     b_p * b_a[:, None], axis=0) * tl.exp2((t_ref - c_new) * LOG2E)
@@ -122,8 +130,8 @@ def _lse_fwd_kernel(
 
 
 @triton.jit
-def _merge(max_ptr, sum_ptr, o, mask, L, n_parts):
-    """`logsumexp_p(max[p, o] + log(sum[p, o]))` in float64, and `max_p max[p, o]`."""
+def _merge(max_ptr, sum_ptr, o, mask, L, n_parts, log_scale):
+    """`logsumexp_p(max[p, o] + log(sum[p, o])) - log_scale` in float64, and `max_p max[p, o]`."""
     best = tl.full(o.shape, float("-inf"), dtype=tl.float64)
     top = tl.full(o.shape, float("-inf"), dtype=tl.float32)
     for p in range(0, n_parts):
@@ -138,13 +146,16 @@ def _merge(max_ptr, sum_ptr, o, mask, L, n_parts):
         x = tl.load(max_ptr + p * L + o, mask=mask, other=0.0).to(tl.float64) + tl.log(
             tl.load(sum_ptr + p * L + o, mask=mask, other=1.0).to(tl.float64))
         total += tl.exp(x - ref)
-    return ref + tl.log(total), top
+    return ref + tl.log(total) - log_scale, top
 
 
-FLUSH_MARGIN = 75.5
-"""A SEPARABLE column term lost to underflow is below `2^-126 exp(R) = exp(R - 87.3)`; at most
-M of them leave a relative error below `M exp(top - 87.3 - lse)`. Columns where that bound
-passes `2^-17` (`lse < top + log(M) - 75.5`) are recomputed exactly."""
+FLUSH_MARGIN = 119.5
+"""A SEPARABLE column term lost to underflow is below `2^-(126 + SHIFT) exp(R) = exp(R -
+131.7)`, R at most the column's stored reference `top`; at most M of them (and two rescalings
+per tile) leave a relative error below about `M exp(top - 131.7 - lse)`. Columns where that
+bound passes `2^-17` (`lse < top + log(M) - 119.9`) are recomputed exactly: only columns whose
+every logit lies far below every row's best, as a key pointing away from all queries at scale
+100 (at scale 100 and unit rows `top` is at most 100)."""
 
 
 @triton.jit
@@ -188,7 +199,7 @@ def _merge_kernel(row_ptr, col_ptr, row_lse_ptr, col_lse_ptr, pos_ptr, M, N, n_q
     M, N, n_q, n_p = zero + M, zero + N, zero + n_q, zero + n_p
     if tl.program_id(1) == 0:
         m = o < M
-        lse, _ = _merge(row_ptr, row_ptr + n_q * M, o, m, M, n_q)
+        lse, _ = _merge(row_ptr, row_ptr + n_q * M, o, m, M, n_q, 0.0)
         tl.store(row_lse_ptr + o, lse, mask=m)
         pos = tl.zeros([BLOCK], dtype=tl.float32)
         for p in range(0, n_q):
@@ -196,7 +207,8 @@ def _merge_kernel(row_ptr, col_ptr, row_lse_ptr, col_lse_ptr, pos_ptr, M, N, n_q
         tl.store(pos_ptr + o, pos, mask=m)
     else:
         m = o < N
-        lse, top = _merge(col_ptr, col_ptr + n_p * N, o, m, N, n_p)
+        lse, top = _merge(col_ptr, col_ptr + n_p * N, o, m, N, n_p,
+                          SHIFT * LN2 if SEPARABLE else 0.0)
         if SEPARABLE:
             bad = m & (lse < top.to(tl.float64) + tl.log(M.to(tl.float64)) - FLUSH_MARGIN)
             if tl.max(bad.to(tl.int32), axis=0) > 0:
@@ -248,7 +260,7 @@ def lse_fwd(
     row, pos = torch.empty(m, **lse), torch.empty(m, dtype=torch.float32, device=q.device)
     col = torch.empty(n if symmetric else 0, **lse)
     grid = (triton.cdiv(max(m, n if symmetric else 0), MERGE_BLOCK), 2 if symmetric else 1)
-    fix = configs.INTERPRET_TILE if INTERPRET else Tile(32, MERGE_BLOCK, 32, 4, 1)
+    fix = configs.INTERPRET_TILE if INTERPRET else Tile(32, MERGE_BLOCK, t.block_d, 4, 1)
     _merge_kernel[grid](
         row_part, col_part, row, col if symmetric else row, pos, m, n, n_q, n_p,
         q, k, scale, d, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
