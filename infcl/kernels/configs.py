@@ -117,7 +117,7 @@ def sigmoid_tile(dtype: torch.dtype, tma: bool = False) -> Tile:
         return INTERPRET_TILE
     if dtype == torch.float32:
         return bwd_tile(dtype)
-    return Tile(128, 128, 64, 8, 3) if tma else Tile(64, 64, 128, 4, 3)
+    return Tile(64, 64, 128, 4, 3)
 
 
 PARTS = 16

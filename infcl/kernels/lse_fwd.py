@@ -149,7 +149,7 @@ def _merge(max_ptr, sum_ptr, o, mask, L, n_parts, log_scale):
     return ref + tl.log(total) - log_scale, top
 
 
-FLUSH_MARGIN = 119.5
+FLUSH_MARGIN = tl.constexpr(119.5)
 """A SEPARABLE column term lost to underflow is below `2^-(126 + SHIFT) exp(R) = exp(R -
 131.7)`, R at most the column's stored reference `top`; at most M of them (and two rescalings
 per tile) leave a relative error below about `M exp(top - 131.7 - lse)`. Columns where that
