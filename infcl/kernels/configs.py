@@ -82,10 +82,9 @@ pointer loads. Tests lower it to run the TMA path at small shapes."""
 
 def fwd_tile(dtype: torch.dtype, symmetric: bool = False, tma: bool = False) -> Tile:
     """Tile of the forward kernels. The symmetric softmax forward also reduces each tile along
-    its columns; with pointer loads a smaller tile with fewer warps is faster there (H200,
-    B=65536, D=512, bf16: 19.7 ms against 24.1 ms for the one-direction tile). With TMA loads
-    (`tma`) the large tiles win for both (benchmarks/kernel_lab.py, H200, B=32768: the row and
-    column statistics 3.02 ms at 128 x 256 x 64, 8 warps, against 3.68 ms at 64 x 128 x 64)."""
+    its columns; a smaller tile with fewer warps is faster there (H200, B=65536, D=512, bf16,
+    pointer loads: 19.7 ms against 24.1 ms for the one-direction tile; with TMA loads (`tma`)
+    and separable column sums 13.97 ms against 15.53 at 128 x 256 x 64, 8 warps)."""
     if INTERPRET:
         return INTERPRET_TILE
     if dtype == torch.float32:
@@ -95,10 +94,10 @@ def fwd_tile(dtype: torch.dtype, symmetric: bool = False, tma: bool = False) -> 
     return Tile(64, 128, 64, 4, 3) if symmetric else Tile(128, 256, 32, 8, 4)
 
 
-def bwd_tile(dtype: torch.dtype, tma: bool = False) -> Tile:
-    """Tile of the backward logit-gradient kernel. With TMA loads 128 x 128 with 8 warps (H200,
-    benchmarks/kernel_lab.py, a dS-like epilogue over 16384^2 logits: 0.57 ms against 0.77 ms
-    for 64 x 128 with 4 warps, whose pointer loads did best at that tile)."""
+def bwd_tile(dtype: torch.dtype) -> Tile:
+    """Tile of the backward logit-gradient kernel, with pointer or TMA loads (H200, B=65536,
+    D=512, bf16, TMA, kernel and GEMMs: 26.90 ms against 31.39 ms at 128 x 128, 8 warps, which
+    won a stripped dS loop in benchmarks/kernel_lab.py)."""
     if INTERPRET:
         return INTERPRET_TILE
     if dtype == torch.float32:  # the forward's tile: fp32 recomputes S exactly as it did
@@ -106,13 +105,14 @@ def bwd_tile(dtype: torch.dtype, tma: bool = False) -> Tile:
     return Tile(64, 128, 64, 4, 3)
 
 
-def sigmoid_tile(dtype: torch.dtype, tma: bool = False) -> Tile:
+def sigmoid_tile(dtype: torch.dtype) -> Tile:
     """Tile of the sigmoid loss's logit-gradient kernel (fused with its loss for "mean" and
     "sum"). Its epilogue is longer than the softmax one's: at 64 x 128 with 4 warps ptxas spills
     1.9 KB per thread (H200, B = 65536, D = 512, bf16: 67.7 ms for the fused kernel and its
     GEMMs against 42.6 ms at 64 x 64 x 64, 4 warps; after the epilogue's rewrite 34.9 ms with
     4 stages, 35.9 with 3; a D chunk of 128 with 3 stages: 34.0 against 35.3 in one run;
-    benchmarks/NOTES.md)."""
+    benchmarks/NOTES.md). The same with TMA loads: 31.13 ms against 32.09 at 128 x 128, 8
+    warps)."""
     if INTERPRET:
         return INTERPRET_TILE
     if dtype == torch.float32:

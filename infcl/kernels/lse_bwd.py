@@ -140,7 +140,7 @@ def ds_bwd(
         col_lse, g_col = row_lse, g_row
     y = labels.contiguous()
     tma = use_tma(q, k)
-    t = tile or bwd_tile(q.dtype, tma)
+    t = tile or bwd_tile(q.dtype)
 
     def launch(rows, cols, ds, sums, grid, cols_per):
         c_rows = cols if symmetric else slice(None)

@@ -123,7 +123,7 @@ def sigmoid_ds_bwd(
     g_max = fp16_grad_scale(q, g_row)
     y = labels.contiguous()
     tma = use_tma(q, k)
-    t = tile or sigmoid_tile(q.dtype, tma)
+    t = tile or sigmoid_tile(q.dtype)
 
     def launch(rows, cols, ds, sums, grid, cols_per):
         q_b, k_b = part(q, rows), part(k, cols)
