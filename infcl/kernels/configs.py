@@ -89,9 +89,9 @@ def fwd_tile(dtype: torch.dtype, symmetric: bool = False, tma: bool = False) -> 
         return INTERPRET_TILE
     if dtype == torch.float32:
         return Tile(128, 128, 32, 8, 3)
-    if tma:
-        return Tile(64, 128, 64, 4, 3) if symmetric else Tile(128, 256, 64, 8, 3)
-    return Tile(64, 128, 64, 4, 3) if symmetric else Tile(128, 256, 32, 8, 4)
+    if symmetric:
+        return Tile(64, 128, 64, 4, 3)
+    return Tile(128, 256, 64, 8, 3) if tma else Tile(128, 256, 32, 8, 4)
 
 
 def bwd_tile(dtype: torch.dtype) -> Tile:

@@ -38,6 +38,16 @@ SHIFT) below the tile's row reference, 131.7 in logits, to underflow."""
 
 
 @triton.jit
+def _exact_column_update(c_max, c_sum, b_s, PRECISE: tl.constexpr):
+    """The running (max, sum of exp(S - max)) of each column after the tile `b_s` (rows that do
+    not count are -inf): each column's own max, a second exponential per logit."""
+    c_new = tl.maximum(c_max, tl.max(b_s, axis=0))
+    c_sum = c_sum * tl.exp2((c_max - c_new) * LOG2E) + tl.sum(
+        exp_of(b_s - c_new[None, :], PRECISE), axis=0)
+    return c_new, c_sum
+
+
+@triton.jit
 def _lse_fwd_kernel(
     q_ptr, k_ptr, q_desc, k_desc, scale_ptr, y_ptr, row_ptr, col_ptr,
     M, N, D, col_offset, rows_per_part, cols_per_part,
@@ -104,7 +114,7 @@ def _lse_fwd_kernel(
             b_max = b_new
             o_j = (start_n - col_lo).to(tl.int32) + tl.arange(0, BLOCK_N)  # in the partition
             b_pos += tl.sum(tl.where(o_j[None, :] == b_y[:, None], b_acc, 0.0), axis=1)
-            if SYMMETRIC and SEPARABLE:  # the same tile's columns, into this program's partials
+            if SEPARABLE:  # (symmetric) the same tile's columns, into this program's partials
                 b_r = b_new if EVEN else tl.where(m_m, b_new, float("-inf"))
                 t_ref = tl.max(b_r, axis=0)
                 # [BLOCK_M], 0 on rows past the partition; times 2^SHIFT (see SHIFT)
@@ -116,9 +126,7 @@ def _lse_fwd_kernel(
                 tl.store(p_c + n_p * N, c_sum, mask=m_n)
             elif SYMMETRIC:
                 b_sc = b_s if EVEN else tl.where(m_m[:, None], b_s, float("-inf"))
-                c_new = tl.maximum(c_max, tl.max(b_sc, axis=0))
-                c_sum = c_sum * tl.exp2((c_max - c_new) * LOG2E) + tl.sum(
-                    exp_of(b_sc - c_new[None, :], IS_FP32), axis=0)
+                c_new, c_sum = _exact_column_update(c_max, c_sum, b_sc, IS_FP32)
                 tl.store(p_c, c_new, mask=m_n)
                 tl.store(p_c + n_p * N, c_sum, mask=m_n)
         p_r = row_ptr + pid_q * M + o_m
@@ -177,10 +185,7 @@ def _exact_columns(q_ptr, k_ptr, scale_ptr, o, m_o, M, D,
             False, "ieee", False,
         )
         b_s = tl.where(m_m[:, None], scale_logits(b_acc, s, ROUNDED), float("-inf"))
-        c_new = tl.maximum(c_max, tl.max(b_s, axis=0))
-        c_sum = c_sum * tl.exp2((c_max - c_new) * LOG2E) + tl.sum(
-            tl.exp2((b_s - c_new[None, :]) * LOG2E), axis=0)
-        c_max = c_new
+        c_max, c_sum = _exact_column_update(c_max, c_sum, b_s, False)
     return c_max.to(tl.float64) + tl.log(c_sum.to(tl.float64))
 
 
@@ -260,11 +265,11 @@ def lse_fwd(
     row, pos = torch.empty(m, **lse), torch.empty(m, dtype=torch.float32, device=q.device)
     col = torch.empty(n if symmetric else 0, **lse)
     grid = (triton.cdiv(max(m, n if symmetric else 0), MERGE_BLOCK), 2 if symmetric else 1)
-    fix = configs.INTERPRET_TILE if INTERPRET else Tile(32, MERGE_BLOCK, t.block_d, 4, 1)
+    fix_m = configs.INTERPRET_TILE.block_m if INTERPRET else 32  # rows per step of a recompute
     _merge_kernel[grid](
         row_part, col_part, row, col if symmetric else row, pos, m, n, n_q, n_p,
         q, k, scale, d, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        BLOCK=MERGE_BLOCK, SEPARABLE=separable, FIX_M=fix.block_m, FIX_D=fix.block_d,
+        BLOCK=MERGE_BLOCK, SEPARABLE=separable, FIX_M=fix_m, FIX_D=t.block_d,
         UPCAST=upcast, ROUNDED=rounded,
     )
     return row, col, pos
