@@ -23,10 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - older triton
-    TensorDescriptor = None
+from infcl.kernels.configs import split
+from infcl.kernels.logits import TensorDescriptor
 
 LOG2E = tl.constexpr(1.4426950408889634)
 UP = tl.constexpr(__import__("os").environ.get("TRITON_INTERPRET") == "1")
@@ -124,13 +122,6 @@ def _fwd_lab(q_ptr, k_ptr, q_desc, k_desc, row_ptr, col_ptr, lse_ptr, ds_ptr, M,
         tl.store(row_ptr + (tl.num_programs(1) + pid_q) * M + o_m, b_sum)
         if MODE == 2:
             tl.debug_barrier()
-
-
-def split(size, block, most):
-    blocks = -(-size // block)
-    count = min(blocks, most)
-    per = -(-blocks // count) * block
-    return -(-size // per), per
 
 
 def run_variant(q, k, v, scale=10.0, lse=None, ds=None):

@@ -18,6 +18,7 @@ known only to ~eps * 20 absolute once `LSE - S[i, y_i]` is formed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -291,3 +292,26 @@ class Allocations(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:
                 self.made.append((tuple(t.shape), t.dtype))
         return out
+
+
+@contextlib.contextmanager
+def tma_everywhere(bwd_block: int | None = None) -> Iterator[None]:
+    """The TMA path (descriptor loads and its tiles) at any size, not only past
+    `configs.TMA_MIN_LOGITS`, and backward blocks of `bwd_block` if given (a context manager,
+    not a fixture: Hypothesis runs every example inside one test call)."""
+    from infcl.kernels import configs
+
+    saved = configs.TMA_MIN_LOGITS, configs.BWD_BLOCK
+    configs.TMA_MIN_LOGITS = 0
+    configs.BWD_BLOCK = bwd_block or configs.BWD_BLOCK
+    try:
+        yield
+    finally:
+        configs.TMA_MIN_LOGITS, configs.BWD_BLOCK = saved
+
+
+def aligned(p: Any) -> Any:
+    """A test problem (a dataclass with a `d`) with D a multiple of 8 (16-byte rows in bf16
+    and fp16, as TMA descriptors need), up to 144: several D chunks of the GPU tiles (64 wide)
+    as well as one."""
+    return dataclasses.replace(p, d=8 * (1 + p.d % 18))

@@ -4,7 +4,6 @@ fallback on a plain CPU run. Also the Inf-CL defects of ANCHORS.md that apply to
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import pytest
@@ -14,10 +13,12 @@ from helpers import (
     FLOOR,
     Allocations,
     OpLog,
+    aligned,
     assert_close_to_naive,
     round_tf32,
     run,
     runs_tf32,
+    tma_everywhere,
 )
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -90,26 +91,6 @@ def check(p: Problem, dtype: torch.dtype, device: str, **kw) -> None:
 def test_kernels_match_naive_interpreted(small_blocks, dtype, p):
     assert inf._block(torch.empty(1, dtype=dtype)) == "inf", "the Triton kernels must be tested"
     check(p, dtype, "cpu", precision="ieee")
-
-
-@contextlib.contextmanager
-def tma_everywhere(bwd_block: int | None = None):
-    """The TMA path (descriptor loads and its tiles) at any size, not only past
-    `configs.TMA_MIN_LOGITS`, and backward blocks of `bwd_block` if given (a context manager,
-    not a fixture: Hypothesis runs every example inside one test call)."""
-    saved = configs.TMA_MIN_LOGITS, configs.BWD_BLOCK
-    configs.TMA_MIN_LOGITS = 0
-    configs.BWD_BLOCK = bwd_block or configs.BWD_BLOCK
-    try:
-        yield
-    finally:
-        configs.TMA_MIN_LOGITS, configs.BWD_BLOCK = saved
-
-
-def aligned(p: Problem) -> Problem:
-    """p with D a multiple of 8 (16-byte rows in bf16 and fp16, as TMA descriptors need), up to
-    144: several D chunks of the GPU tiles (64 wide) as well as one."""
-    return dataclasses.replace(p, d=8 * (1 + p.d % 18))
 
 
 def check_tma(p: Problem, dtype: torch.dtype, device: str) -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch._dynamo
 import torch.nn.functional as F
-from helpers import FLOOR, OpLog, poisoned_memory, runs_tf32, within
+from helpers import FLOOR, OpLog, aligned, poisoned_memory, runs_tf32, tma_everywhere, within
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -270,25 +270,15 @@ def test_triton_matches_naive_interpreted(small_blocks, dtype, c):
     check(infcl.inf_sigmoid_loss, c, dtype, precision="ieee")
 
 
-def aligned(c: Case) -> Case:
-    """c with D a multiple of 8 (16-byte rows in bf16 and fp16, as TMA descriptors need)."""
-    return dataclasses.replace(c, d=8 * (1 + c.d % 18))
-
-
 def check_tma(c: Case, dtype: torch.dtype, device: str, bwd_block: int | None = None) -> None:
     """The sigmoid kernels with their tiles loaded through TMA descriptors, at any size (and
     backward blocks of `bwd_block` if given)."""
     from infcl.kernels.logits import use_tma
 
-    saved = configs.TMA_MIN_LOGITS, configs.BWD_BLOCK
-    configs.TMA_MIN_LOGITS = 0
-    configs.BWD_BLOCK = bwd_block or configs.BWD_BLOCK
-    try:
+    with tma_everywhere(bwd_block):
         q, k = (x.to(dtype).to(device) for x in c.inputs())
         assert use_tma(q, k), "the descriptor path must be the one tested"
         check(infcl.inf_sigmoid_loss, c, dtype, device)
-    finally:
-        configs.TMA_MIN_LOGITS, configs.BWD_BLOCK = saved
 
 
 @pytest.mark.interpret
