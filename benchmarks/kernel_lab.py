@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
 import traceback
 
@@ -124,6 +125,68 @@ def _fwd_lab(q_ptr, k_ptr, q_desc, k_desc, row_ptr, col_ptr, lse_ptr, ds_ptr, M,
             tl.debug_barrier()
 
 
+SHIFT = tl.constexpr(64.0)
+
+
+@triton.jit
+def _fwd_colmajor(q_ptr, k_ptr, q_desc, k_desc, row_ptr, col_ptr, M, N,
+                  rows_per_part, cols_per_part, s,
+                  D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                  TMA: tl.constexpr, SLOT: tl.constexpr):
+    """MODE 4: the symmetric forward with the loops swapped: a column block outer, the row
+    blocks inner. The row statistics go through the `[2, Q, M]` partials at every tile (a
+    reduction along the row, inside a warp); the separable column sums `p * exp(r_i - R)`
+    accumulate elementwise in a [BM, BN] register tile across the row blocks, reduced down the
+    rows once per column block. SLOT: a reference per row slot (a multiply per logit per tile);
+    else one reference per tile (a max across the tile's rows per tile)."""
+    pid_p = tl.program_id(0)
+    pid_q = tl.program_id(1)
+    n_p = tl.num_programs(0)
+    n_q = tl.num_programs(1)
+    row_lo = pid_p * rows_per_part
+    row_hi = tl.minimum(row_lo + rows_per_part, M)
+    col_lo = pid_q * cols_per_part
+    col_hi = tl.minimum(col_lo + cols_per_part, N)
+    for start_n in range(col_lo, col_hi, BN):
+        o_n = start_n + tl.arange(0, BN)
+        c_acc = tl.zeros([BM, BN], dtype=tl.float32)
+        c_ref = tl.full([BM], float("-inf"), dtype=tl.float32)
+        t_ref = tl.max(c_ref, axis=0)
+        for start_m in range(row_lo, row_hi, BM):
+            o_m = start_m + tl.arange(0, BM)
+            p_r = row_ptr + pid_q * M + o_m
+            old = (o_m >= 0) & (start_n > col_lo)
+            r_max = tl.load(p_r, mask=old, other=float("-inf"))
+            r_sum = tl.load(p_r + n_q * M, mask=old, other=0.0)
+            acc = _tile(q_ptr, k_ptr, q_desc, k_desc, start_m, start_n, q_ptr,
+                        D, BM, BN, BD, TMA, False)
+            b_s = acc * s
+            b_new = tl.maximum(r_max, tl.max(b_s, axis=1))
+            b_p = tl.exp2((b_s - b_new[:, None]) * LOG2E)
+            r_sum = r_sum * tl.exp2((r_max - b_new) * LOG2E) + tl.sum(b_p, axis=1)
+            tl.store(p_r, b_new)
+            tl.store(p_r + n_q * M, r_sum)
+            if SLOT:
+                c_new = tl.maximum(c_ref, b_new)
+                c_acc = c_acc * tl.exp2((c_ref - c_new) * LOG2E)[:, None] + b_p * tl.exp2(
+                    (b_new - c_new) * LOG2E + SHIFT)[:, None]
+                c_ref = c_new
+            else:
+                m_ref = tl.max(b_new, axis=0)
+                if m_ref > t_ref:
+                    c_acc = c_acc * tl.exp2((t_ref - m_ref) * LOG2E)
+                    t_ref = m_ref
+                c_acc += b_p * tl.exp2((b_new - t_ref) * LOG2E + SHIFT)[:, None]
+        if SLOT:
+            t_ref = tl.max(c_ref, axis=0)
+            c_sum = tl.sum(c_acc * tl.exp2((c_ref - t_ref) * LOG2E)[:, None], axis=0)
+        else:
+            c_sum = tl.sum(c_acc, axis=0)
+        p_c = col_ptr + pid_p * N + o_n
+        tl.store(p_c, tl.zeros([BN], dtype=tl.float32) + t_ref)
+        tl.store(p_c + n_p * N, c_sum)
+
+
 def run_variant(q, k, v, scale=10.0, lse=None, ds=None):
     """Launch one variant; returns (row stats [2, Q, M], col stats [2, P, N])."""
     m, d = q.shape
@@ -144,6 +207,12 @@ def run_variant(q, k, v, scale=10.0, lse=None, ds=None):
         kd = TensorDescriptor.from_tensor(k, [bn, bd])
     else:
         qd = kd = q  # unused
+    if v["mode"] == 4:
+        _fwd_colmajor[(n_p, n_q)](
+            q, k, qd, kd, row, col, m, n, rows_per, cols_per, scale,
+            D=d, BM=bm, BN=bn, BD=bd, TMA=v["tma"], SLOT=bool(v.get("slot")),
+            num_warps=v["w"], num_stages=v["s"])
+        return row, col
     _fwd_lab[(n_p, n_q)](
         q, k, qd, kd, row, col, lse if lse is not None else row, ds if ds is not None else row,
         m, n, rows_per, cols_per, scale,
@@ -172,8 +241,9 @@ def check(v, device):
     row, col = run_variant(q, k, v)
     r = torch.logsumexp(row[0] + row[1].log(), dim=0)
     err = (r - torch.logsumexp(s, 1)).abs().max().item()
-    if v["mode"] == 2:
-        c = torch.logsumexp(col[0] + col[1].log(), dim=0)
+    if v["mode"] in (2, 4):
+        shift = 64.0 * math.log(2.0) if v["mode"] == 4 else 0.0
+        c = torch.logsumexp(col[0] + col[1].log(), dim=0) - shift
         err = max(err, (c - torch.logsumexp(s, 0)).abs().max().item())
     return err
 
@@ -207,12 +277,22 @@ def variants():
         out.append(dict(bm=128, bn=128, bd=64, w=8, s=3, mode=3, tma=tma, flat=flat))
     out.append(dict(bm=64, bn=64, bd=128, w=4, s=3, mode=3, tma=True, flat=True))
     out.append(dict(bm=128, bn=64, bd=64, w=8, s=4, mode=3, tma=True, flat=True))
+    for slot in (False, True):  # the loops swapped (see _fwd_colmajor)
+        out += [
+            dict(bm=64, bn=128, bd=64, w=4, s=3, tma=True, mode=4, slot=slot),
+            dict(bm=128, bn=128, bd=64, w=8, s=3, tma=True, mode=4, slot=slot),
+            dict(bm=128, bn=64, bd=64, w=4, s=3, tma=True, mode=4, slot=slot),
+            dict(bm=64, bn=256, bd=64, w=8, s=3, tma=True, mode=4, slot=slot),
+            dict(bm=128, bn=256, bd=64, w=8, s=3, tma=True, mode=4, slot=slot),
+            dict(bm=128, bn=128, bd=64, w=8, s=4, tma=True, mode=4, slot=slot),
+        ]
     return out
 
 
 def name(v):
     extra = "".join(x for x, on in (("+tma", v["tma"]), ("+flat", v.get("flat")),
-                                     ("+resident", v.get("resident"))) if on)
+                                     ("+resident", v.get("resident")),
+                                     ("+slot", v.get("slot"))) if on)
     return f"mode{v['mode']} {v['bm']}x{v['bn']}x{v['bd']} w{v['w']} s{v['s']}{extra}"
 
 
@@ -222,6 +302,7 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=512)
     ap.add_argument("--ds-b", type=int, default=16384, help="rows and columns of the dS runs")
     ap.add_argument("--out", default="/tmp/lab")
+    ap.add_argument("--modes", default="0,1,2,3,4", help="which MODEs to run")
     args = ap.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -243,7 +324,8 @@ def main() -> None:
     flops = 2 * args.b * args.b * args.d
     print(f"{'library lse_fwd symmetric':48s} {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s")
     rows.append(dict(variant="library lse_fwd symmetric", ms=ms))
-    for v in variants():
+    modes = {int(x) for x in args.modes.split(",")}
+    for v in [v for v in variants() if v["mode"] in modes]:
         try:
             err = check(v, dev)
             if v["mode"] == 3:
