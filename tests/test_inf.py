@@ -135,6 +135,32 @@ def check_underflowing_column(device: str, m: int, d: int) -> None:
         assert_close_to_naive(infcl.inf_loss, q64, k64, 100.0, dtype=dtype, symmetric=True)
 
 
+def check_terms_far_below_their_rows(device: str, m: int) -> None:
+    """Rows 0..m-2 have their best logit near +100 and -10 in column 0; row m-1 has 0 in every
+    column. Column 0's LSE is `log(1 + (m - 1) e^-10)`: its terms from the first rows lie 110
+    below their own rows' best, where `exp(S - r_i)` alone flushes to 0 (even as a subnormal),
+    but far above the column's underflow line (`lse_fwd.ROW_SHIFT`)."""
+    q64 = torch.zeros(m, 5, dtype=torch.float64)
+    q64[:-1, 0], q64[:-1, 1], q64[-1, 2] = -0.1, 0.99**0.5, 1.0
+    k64 = torch.zeros(m, 5, dtype=torch.float64)
+    k64[0, 0], k64[1:, 1] = 1.0, 1.0
+    for dtype in (torch.bfloat16, torch.float16):
+        q, k = q64.to(dtype).to(device), k64.to(dtype).to(device)
+        s = torch.tensor(100.0, device=device)
+        row, col, _ = lse_fwd.lse_fwd(q, k, s, torch.arange(m, device=device), 0, True, "ieee")
+        logits = 100.0 * (q.double() @ k.double().T)
+        # the separable terms carry fp32 rounding of `S - R`, about 1e-5 at |S - R| = 100; the
+        # terms lost to a flush would leave 1.8e-3 at m = 41
+        torch.testing.assert_close(col, torch.logsumexp(logits, dim=0), rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(row, torch.logsumexp(logits, dim=1), rtol=1e-6, atol=1e-5)
+
+
+@interpret
+@needs_interpret
+def test_separable_columns_keep_terms_far_below_their_rows_interpreted(small_blocks):
+    check_terms_far_below_their_rows("cpu", 41)
+
+
 @interpret
 @needs_interpret
 def test_separable_columns_recomputed_where_they_underflow_interpreted(small_blocks):
@@ -441,6 +467,13 @@ def test_tma_path_cuda(dtype, p):
     size; backward blocks of 256 so that descriptors of row and column slices are built."""
     with tma_everywhere(bwd_block=256):
         check_tma(p, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("m", [41, 5000])
+def test_separable_columns_keep_terms_far_below_their_rows_cuda(m):
+    check_terms_far_below_their_rows("cuda", m)
 
 
 @pytest.mark.gpu

@@ -3,11 +3,13 @@ logits are never stored. The symmetric loss takes its column statistics from the
 each logit is computed once whichever direction is asked for.
 
 The grid is a P x Q grid of rectangular partitions of the logit matrix (P, Q <= `configs.PARTS`),
-enough programs to keep two on every SM. A program walks its partition one row block at a time,
-keeping that block's running max and sum in registers, and writes `[Q, M]` row partials. For the
-symmetric loss it also keeps a running max and sum per column of its partition, in a `[P, N]`
-buffer that only it touches. `_merge_kernel` then folds the partials into float64 LSEs in one
-launch: O((P + Q) * (M + N)) extra memory, two launches in all.
+enough programs to keep two on every SM. Each program writes `[Q, M]` row partials (running max,
+sum, positive logit) and, for the symmetric loss, `[P, N]` column partials that only it touches.
+`_lse_fwd_kernel` (one direction; fp32 symmetric) walks its partition one row block at a time,
+keeping the block's row statistics in registers and the columns' exactly, with a column max.
+`_separable_kernel` (bf16, fp16 symmetric) walks it one column block at a time and takes the
+column sums from the row probabilities. `_merge_kernel` then folds the partials into float64 LSEs
+in one launch: O((P + Q) * (M + N)) extra memory, two launches in all.
 """
 
 from __future__ import annotations
@@ -31,10 +33,18 @@ from infcl.kernels.logits import (
 )
 from infcl.kernels.numerics import LSE_DTYPE, autocast_off
 
-SHIFT = tl.constexpr(64.0)
-"""The separable column sums are kept times 2^SHIFT: no term exceeds 2^SHIFT, a sum of all M
-of them stays below 2^(SHIFT + 31) (far from fp32's 2^128), and a term must be 2^-(126 +
-SHIFT) below the tile's row reference, 131.7 in logits, to underflow."""
+ROW_SHIFT = tl.constexpr(48.0)
+COL_SHIFT = tl.constexpr(48.0)
+"""The separable forward (`_separable_kernel`) keeps its probabilities `p = exp(S - r_i)` times
+2^ROW_SHIFT (so the row sums carry that factor) and multiplies them by `exp(r_i - R)` times
+2^COL_SHIFT for the column sums, which carry both. Neither factor exceeds its power of two, a
+sum of 2^31 column terms stays below 2^127, and a term is lost to underflow only where a factor
+or the product falls below 2^-126: where `S < R - 120.6`, R the column block's reference (see
+`FLUSH_MARGIN`). With one shift on the product alone, `p` itself would flush 87.3 below its
+own row's reference, and a column's terms from rows whose best logit is far above it would
+vanish unseen."""
+SHIFT = tl.constexpr(96.0)
+"""ROW_SHIFT + COL_SHIFT: the column sums' power of two."""
 
 
 @triton.jit
@@ -60,18 +70,11 @@ def _lse_fwd_kernel(
     PRECISION: tl.constexpr,
     ROUNDED: tl.constexpr,  # fp32, fp16 on a GPU: S rounded alone (see logits.scale_logits)
     TMA: tl.constexpr,  # q and k through the descriptors (see logits.qk_tile)
-    SEPARABLE: tl.constexpr,  # column sums from the row probabilities (see below)
 ):
     """Row partials `row_ptr[3, Q, M]` (max, sum of exp(S - max), positive logit); with
-    SYMMETRIC, column partials `col_ptr[2, P, N]` (reference, sum of exp(S - reference); with
-    SEPARABLE the sum times 2^SHIFT).
-
-    The column statistics: exactly (each tile's column max, and a second exponential per
-    logit), or with SEPARABLE (bf16, fp16) from the row probabilities `p = exp(S - r_i)` that
-    the row sums take anyway: `exp(S - R) = p * exp(r_i - R)` with R the tile's largest row
-    reference, one multiply per logit and no column max. The column sums are kept times
-    2^SHIFT, so a term underflows only below `2^-(126 + SHIFT) exp(R)`; `_merge_kernel` bounds
-    what such terms can change and recomputes the columns where that is not negligible."""
+    SYMMETRIC (fp32: bf16 and fp16 take `_separable_kernel`), column partials `col_ptr[2, P,
+    N]` (max, sum of exp(S - max)), exactly: each tile's column max and a second exponential
+    per logit."""
     pid_p = tl.program_id(0).to(tl.int64)
     pid_q = tl.program_id(1).to(tl.int64)
     n_p = tl.num_programs(0).to(tl.int64)
@@ -114,17 +117,7 @@ def _lse_fwd_kernel(
             b_max = b_new
             o_j = (start_n - col_lo).to(tl.int32) + tl.arange(0, BLOCK_N)  # in the partition
             b_pos += tl.sum(tl.where(o_j[None, :] == b_y[:, None], b_acc, 0.0), axis=1)
-            if SEPARABLE:  # (symmetric) the same tile's columns, into this program's partials
-                b_r = b_new if EVEN else tl.where(m_m, b_new, float("-inf"))
-                t_ref = tl.max(b_r, axis=0)
-                # [BLOCK_M], 0 on rows past the partition; times 2^SHIFT (see SHIFT)
-                b_a = tl.exp2((b_r - t_ref) * LOG2E + SHIFT)
-                c_new = tl.maximum(c_max, t_ref)
-                c_sum = c_sum * tl.exp2((c_max - c_new) * LOG2E) + tl.sum(
-                    b_p * b_a[:, None], axis=0) * tl.exp2((t_ref - c_new) * LOG2E)
-                tl.store(p_c, c_new, mask=m_n)
-                tl.store(p_c + n_p * N, c_sum, mask=m_n)
-            elif SYMMETRIC:
+            if SYMMETRIC:
                 b_sc = b_s if EVEN else tl.where(m_m[:, None], b_s, float("-inf"))
                 c_new, c_sum = _exact_column_update(c_max, c_sum, b_sc, IS_FP32)
                 tl.store(p_c, c_new, mask=m_n)
@@ -135,6 +128,84 @@ def _lse_fwd_kernel(
         tl.store(p_r + 2 * n_q * M, b_pos * s, mask=m_m)
         if SYMMETRIC:  # this row block's column stores are seen by every thread of the next
             tl.debug_barrier()
+
+
+@triton.jit
+def _separable_kernel(
+    q_ptr, k_ptr, q_desc, k_desc, scale_ptr, y_ptr, row_ptr, col_ptr,
+    M, N, D, col_offset, rows_per_part, cols_per_part,
+    stride_qm, stride_qd, stride_kn, stride_kd,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN: tl.constexpr, UPCAST: tl.constexpr, ROUNDED: tl.constexpr, TMA: tl.constexpr,
+):
+    """The symmetric forward for bf16 and fp16: the partials of `_lse_fwd_kernel`, with the row
+    sums kept times 2^ROW_SHIFT and the column sums times 2^SHIFT (see ROW_SHIFT), taken from
+    the row probabilities `p = exp(S - r_i)` that the row sums need anyway: `exp(S - R) = p *
+    exp(r_i - R)`, one multiply-add per logit and no column max.
+
+    The loops are the other way round: a program walks its partition one column block at a
+    time, and the row blocks inside it. The row statistics go through the row partials at
+    every tile (each row's max and sum are reduced along the row, inside a warp). The column
+    terms are added elementwise into a `[BLOCK_M, BLOCK_N]` register tile across the row
+    blocks, against one reference R per column block (the largest row reference so far,
+    rescaled when it grows), and reduced down the rows once per column block: the per-tile
+    reduction across warps that the other order needs cost more than the exponentials (a third
+    of this forward on an H200). A term underflows only below `exp(R - 120.6)`;
+    `_merge_kernel` bounds what such terms can change and recomputes the columns where that is
+    not negligible."""
+    pid_p = tl.program_id(0).to(tl.int64)
+    pid_q = tl.program_id(1).to(tl.int64)
+    n_p = tl.num_programs(0).to(tl.int64)
+    n_q = tl.num_programs(1).to(tl.int64)
+    row_lo = pid_p * rows_per_part
+    row_hi = tl.minimum(row_lo + rows_per_part, M)
+    col_lo = pid_q * cols_per_part
+    col_hi = tl.minimum(col_lo + cols_per_part, N)
+    s = tl.load(scale_ptr).to(tl.float32)
+    for start_n in range(col_lo, col_hi, BLOCK_N):
+        o_n = start_n + tl.arange(0, BLOCK_N)
+        m_n = o_n < col_hi
+        o_j = (start_n - col_lo).to(tl.int32) + tl.arange(0, BLOCK_N)  # in the partition
+        c_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # times 2^SHIFT / exp(c_ref)
+        c_ref = tl.max(tl.full([BLOCK_M], float("-inf"), dtype=tl.float32), axis=0)
+        for start_m in range(row_lo, row_hi, BLOCK_M):
+            o_m = start_m + tl.arange(0, BLOCK_M)
+            m_m = o_m < row_hi
+            p_r = row_ptr + pid_q * M + o_m
+            m_old = m_m & (start_n > col_lo)  # nothing stored yet in the first column block
+            r_max = tl.load(p_r, mask=m_old, other=float("-inf"))
+            r_sum = tl.load(p_r + n_q * M, mask=m_old, other=0.0)
+            r_pos = tl.load(p_r + 2 * n_q * M, mask=m_old, other=0.0)
+            b_y = local_column(
+                tl.load(y_ptr + o_m, mask=m_m, other=-1), col_offset + col_lo, col_hi - col_lo)
+            b_acc = qk_tile(
+                q_ptr, k_ptr, q_desc, k_desc, tl.cast(start_m, tl.int32), tl.cast(start_n, tl.int32),
+                o_m, o_n, m_m, m_n, D, stride_qm, stride_qd, stride_kn, stride_kd,
+                BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, False, "ieee", TMA,
+            )
+            # rows past the partition keep finite values here; columns past it are -inf
+            b_s = scale_logits(b_acc, s, ROUNDED)
+            if not EVEN:
+                b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+            b_new = tl.maximum(r_max, tl.max(b_s, axis=1))
+            b_p = tl.exp2((b_s - b_new[:, None]) * LOG2E + ROW_SHIFT)
+            r_sum = r_sum * tl.exp2((r_max - b_new) * LOG2E) + tl.sum(b_p, axis=1)
+            r_pos += tl.sum(tl.where(o_j[None, :] == b_y[:, None], b_acc, 0.0), axis=1) * s
+            tl.store(p_r, b_new, mask=m_m)
+            tl.store(p_r + n_q * M, r_sum, mask=m_m)
+            tl.store(p_r + 2 * n_q * M, r_pos, mask=m_m)
+            b_r = b_new if EVEN else tl.where(m_m, b_new, float("-inf"))
+            t_ref = tl.max(b_r, axis=0)
+            if t_ref > c_ref:
+                c_acc = c_acc * tl.exp2((c_ref - t_ref) * LOG2E)
+                c_ref = t_ref
+            # [BLOCK_M], 0 on rows past the partition
+            c_acc += b_p * tl.exp2((b_r - c_ref) * LOG2E + COL_SHIFT)[:, None]
+        p_c = col_ptr + pid_p * N + o_n
+        tl.store(p_c, tl.zeros([BLOCK_N], dtype=tl.float32) + c_ref, mask=m_n)
+        tl.store(p_c + n_p * N, tl.sum(c_acc, axis=0), mask=m_n)
+        # the next column block loads the row partials this one stored, maybe in other threads
+        tl.debug_barrier()
 
 
 @triton.jit
@@ -157,13 +228,14 @@ def _merge(max_ptr, sum_ptr, o, mask, L, n_parts, log_scale):
     return ref + tl.log(total) - log_scale, top
 
 
-FLUSH_MARGIN = tl.constexpr(119.5)
-"""A SEPARABLE column term lost to underflow is below `2^-(126 + SHIFT) exp(R) = exp(R -
-131.7)`, R at most the column's stored reference `top`; at most M of them (and two rescalings
-per tile) leave a relative error below about `M exp(top - 131.7 - lse)`. Columns where that
-bound passes `2^-17` (`lse < top + log(M) - 119.9`) are recomputed exactly: only columns whose
-every logit lies far below every row's best, as a key pointing away from all queries at scale
-100 (at scale 100 and unit rows `top` is at most 100)."""
+FLUSH_MARGIN = tl.constexpr(108.5)
+"""A separable column term lost to underflow (see ROW_SHIFT) is below `exp(R - 120.6)`, R at
+most the column's stored reference `top`; a column's sum takes each of its M terms once and
+each rescaling of a partial sum at most once per row block (those lose below `exp(R - 153.9)`
+each), so the lost mass is below about `M exp(top - 120.6)`. Columns where that bound passes
+2^-17 of the column's sum (`lse < top + log(M) - 108.8`) are recomputed exactly: columns whose
+every logit lies more than about 100 below every row's best, as a key pointing away from all
+queries at scale 100 (at scale 100 and unit rows `top` is at most 100)."""
 
 
 @triton.jit
@@ -204,7 +276,8 @@ def _merge_kernel(row_ptr, col_ptr, row_lse_ptr, col_lse_ptr, pos_ptr, M, N, n_q
     M, N, n_q, n_p = zero + M, zero + N, zero + n_q, zero + n_p
     if tl.program_id(1) == 0:
         m = o < M
-        lse, _ = _merge(row_ptr, row_ptr + n_q * M, o, m, M, n_q, 0.0)
+        lse, _ = _merge(row_ptr, row_ptr + n_q * M, o, m, M, n_q,
+                        ROW_SHIFT * LN2 if SEPARABLE else 0.0)
         tl.store(row_lse_ptr + o, lse, mask=m)
         pos = tl.zeros([BLOCK], dtype=tl.float32)
         for p in range(0, n_q):
@@ -252,16 +325,20 @@ def lse_fwd(
     upcast = INTERPRET and q.dtype in (torch.float16, torch.bfloat16)
     rounded = configs.rounded_logits(q.dtype)
     separable = symmetric and q.dtype != torch.float32
-    _lse_fwd_kernel[(n_p, n_q)](
+    args = (
         q, k, q_desc, k_desc, scale, labels.contiguous(), row_part, col_part,
         m, n, d, col_offset, rows_per, cols_per,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
-        EVEN=m % t.block_m == 0 and n % t.block_n == 0, SYMMETRIC=symmetric,
-        UPCAST=upcast, IS_FP32=q.dtype == torch.float32, PRECISION=precision,
-        ROUNDED=rounded, TMA=tma, SEPARABLE=separable,
-        num_warps=t.num_warps, num_stages=t.num_stages,
     )
+    even = m % t.block_m == 0 and n % t.block_n == 0
+    meta = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d, EVEN=even,
+                UPCAST=upcast, ROUNDED=rounded, TMA=tma,
+                num_warps=t.num_warps, num_stages=t.num_stages)
+    if separable:
+        _separable_kernel[(n_p, n_q)](*args, **meta)
+    else:
+        _lse_fwd_kernel[(n_p, n_q)](*args, SYMMETRIC=symmetric, IS_FP32=q.dtype == torch.float32,
+                                    PRECISION=precision, **meta)
     row, pos = torch.empty(m, **lse), torch.empty(m, dtype=torch.float32, device=q.device)
     col = torch.empty(n if symmetric else 0, **lse)
     grid = (triton.cdiv(max(m, n if symmetric else 0), MERGE_BLOCK), 2 if symmetric else 1)
