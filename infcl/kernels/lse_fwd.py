@@ -141,7 +141,8 @@ def _separable_kernel(
     """The symmetric forward for bf16 and fp16: the partials of `_lse_fwd_kernel`, with the row
     sums kept times 2^ROW_SHIFT and the column sums times 2^SHIFT (see ROW_SHIFT), taken from
     the row probabilities `p = exp(S - r_i)` that the row sums need anyway: `exp(S - R) = p *
-    exp(r_i - R)`, one multiply-add per logit and no column max.
+    exp(r_i - R)`, one multiply-add per logit and no column max. The positive logits are left
+    to `_merge_kernel` (a gathered row of k per row, not a select and a sum in every tile).
 
     The loops are the other way round: a program walks its partition one column block at a
     time, and the row blocks inside it. The row statistics go through the row partials at
@@ -165,7 +166,6 @@ def _separable_kernel(
     for start_n in range(col_lo, col_hi, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = o_n < col_hi
-        o_j = (start_n - col_lo).to(tl.int32) + tl.arange(0, BLOCK_N)  # in the partition
         c_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # times 2^SHIFT / exp(c_ref)
         c_ref = tl.max(tl.full([BLOCK_M], float("-inf"), dtype=tl.float32), axis=0)
         for start_m in range(row_lo, row_hi, BLOCK_M):
@@ -175,9 +175,6 @@ def _separable_kernel(
             m_old = m_m & (start_n > col_lo)  # nothing stored yet in the first column block
             r_max = tl.load(p_r, mask=m_old, other=float("-inf"))
             r_sum = tl.load(p_r + n_q * M, mask=m_old, other=0.0)
-            r_pos = tl.load(p_r + 2 * n_q * M, mask=m_old, other=0.0)
-            b_y = local_column(
-                tl.load(y_ptr + o_m, mask=m_m, other=-1), col_offset + col_lo, col_hi - col_lo)
             b_acc = qk_tile(
                 q_ptr, k_ptr, q_desc, k_desc, tl.cast(start_m, tl.int32), tl.cast(start_n, tl.int32),
                 o_m, o_n, m_m, m_n, D, stride_qm, stride_qd, stride_kn, stride_kd,
@@ -190,10 +187,8 @@ def _separable_kernel(
             b_new = tl.maximum(r_max, tl.max(b_s, axis=1))
             b_p = tl.exp2((b_s - b_new[:, None]) * LOG2E + ROW_SHIFT)
             r_sum = r_sum * tl.exp2((r_max - b_new) * LOG2E) + tl.sum(b_p, axis=1)
-            r_pos += tl.sum(tl.where(o_j[None, :] == b_y[:, None], b_acc, 0.0), axis=1) * s
             tl.store(p_r, b_new, mask=m_m)
             tl.store(p_r + n_q * M, r_sum, mask=m_m)
-            tl.store(p_r + 2 * n_q * M, r_pos, mask=m_m)
             b_r = b_new if EVEN else tl.where(m_m, b_new, float("-inf"))
             t_ref = tl.max(b_r, axis=0)
             if t_ref > c_ref:
@@ -262,11 +257,32 @@ def _exact_columns(q_ptr, k_ptr, scale_ptr, o, m_o, M, D,
 
 
 @triton.jit
+def _positive_logits(q_ptr, k_ptr, y_ptr, scale_ptr, o, m_o, N, D, col_offset,
+                     stride_qm, stride_qd, stride_kn, stride_kd,
+                     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, ROUNDED: tl.constexpr):
+    """`scale * q[o] . k[label]` [BLOCK] in fp32 (0 where the label is not among these N
+    columns): one gathered row of k per row, M * D work in all."""
+    b_y = local_column(tl.load(y_ptr + o, mask=m_o, other=-1), col_offset, N)
+    has = m_o & (b_y >= 0)
+    b_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start_d in range(0, D, BLOCK_D):
+        o_d = start_d + tl.arange(0, BLOCK_D)
+        m = has[:, None] & (o_d < D)[None, :]
+        b_q = tl.load(q_ptr + o[:, None] * stride_qm + o_d[None, :] * stride_qd, mask=m, other=0.0)
+        b_k = tl.load(k_ptr + b_y.to(tl.int64)[:, None] * stride_kn + o_d[None, :] * stride_kd,
+                      mask=m, other=0.0)
+        b_acc += tl.sum(b_q.to(tl.float32) * b_k.to(tl.float32), axis=1)
+    return scale_logits(b_acc, tl.load(scale_ptr).to(tl.float32), ROUNDED)
+
+
+@triton.jit
 def _merge_kernel(row_ptr, col_ptr, row_lse_ptr, col_lse_ptr, pos_ptr, M, N, n_q, n_p,
-                  q_ptr, k_ptr, scale_ptr, D, stride_qm, stride_qd, stride_kn, stride_kd,
+                  q_ptr, k_ptr, y_ptr, scale_ptr, D, col_offset,
+                  stride_qm, stride_qd, stride_kn, stride_kd,
                   BLOCK: tl.constexpr, SEPARABLE: tl.constexpr, FIX_M: tl.constexpr,
                   FIX_D: tl.constexpr, UPCAST: tl.constexpr, ROUNDED: tl.constexpr):
-    """Program column 0: row LSE [M] and positive logit [M] from the `[3, Q, M]` row partials;
+    """Program column 0: row LSE [M] and positive logit [M] from the `[3, Q, M]` row partials
+    (with SEPARABLE the positive logits from q and k: `_separable_kernel` leaves them out);
     column 1 (symmetric only): column LSE [N] from the `[2, P, N]` column partials, with
     SEPARABLE the columns that underflow may have changed recomputed (`FLUSH_MARGIN`)."""
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -279,9 +295,14 @@ def _merge_kernel(row_ptr, col_ptr, row_lse_ptr, col_lse_ptr, pos_ptr, M, N, n_q
         lse, _ = _merge(row_ptr, row_ptr + n_q * M, o, m, M, n_q,
                         ROW_SHIFT * LN2 if SEPARABLE else 0.0)
         tl.store(row_lse_ptr + o, lse, mask=m)
-        pos = tl.zeros([BLOCK], dtype=tl.float32)
-        for p in range(0, n_q):
-            pos += tl.load(row_ptr + (2 * n_q + p) * M + o, mask=m, other=0.0)
+        if SEPARABLE:
+            pos = _positive_logits(q_ptr, k_ptr, y_ptr, scale_ptr, o, m, N, D, col_offset,
+                                   stride_qm, stride_qd, stride_kn, stride_kd, BLOCK, FIX_D,
+                                   ROUNDED)
+        else:
+            pos = tl.zeros([BLOCK], dtype=tl.float32)
+            for p in range(0, n_q):
+                pos += tl.load(row_ptr + (2 * n_q + p) * M + o, mask=m, other=0.0)
         tl.store(pos_ptr + o, pos, mask=m)
     else:
         m = o < N
@@ -316,6 +337,7 @@ def lse_fwd(
         return torch.full((m,), float("-inf"), **lse), col, q.new_zeros(m, dtype=torch.float32)
     tma = use_tma(q, k)
     t = tile or fwd_tile(q.dtype, symmetric, tma)
+    y = labels.contiguous()
     q_desc, k_desc = descriptors(q, k, t, tma)
     n_p, rows_per = split(m, t.block_m, configs.PARTS)
     n_q, cols_per = split(n, t.block_n, configs.PARTS)
@@ -326,7 +348,7 @@ def lse_fwd(
     rounded = configs.rounded_logits(q.dtype)
     separable = symmetric and q.dtype != torch.float32
     args = (
-        q, k, q_desc, k_desc, scale, labels.contiguous(), row_part, col_part,
+        q, k, q_desc, k_desc, scale, y, row_part, col_part,
         m, n, d, col_offset, rows_per, cols_per,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
     )
@@ -345,7 +367,7 @@ def lse_fwd(
     fix_m = configs.INTERPRET_TILE.block_m if INTERPRET else 32  # rows per step of a recompute
     _merge_kernel[grid](
         row_part, col_part, row, col if symmetric else row, pos, m, n, n_q, n_p,
-        q, k, scale, d, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        q, k, y, scale, d, col_offset, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         BLOCK=MERGE_BLOCK, SEPARABLE=separable, FIX_M=fix_m, FIX_D=t.block_d,
         UPCAST=upcast, ROUNDED=rounded,
     )
