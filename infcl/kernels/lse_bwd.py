@@ -163,11 +163,6 @@ def _ds_kernel(
         b_dscale = b_dscale.to(tl.float64)
     b_a = tl.zeros([BLOCK_M], dtype=tl.float32)
     r_ref = tl.max(tl.where(m_m, b_rh, float("-inf")), axis=0)  # R, for SEPARABLE
-    args = (q_ptr, k_ptr, q_desc, k_desc, ds_ptr, c_lse_ptr, g_col_ptr, stride_gc, pid_m, o_i,
-            m_m, col_lo, col_hi, D, stride_qm, stride_qd, stride_kn, stride_kd, stride_dsm, s,
-            out, b_rh, b_rl, b_gr, b_y, b_gp)
-    meta = (BLOCK_M, BLOCK_N, BLOCK_D, EVEN, SYMMETRIC, UPCAST, IS_FP32, PRECISION, PRECISE,
-            ROUNDED, TMA)
     if SEPARABLE:
         # one pass over the columns' statistics first: the whole column range takes the
         # separable formula, or none of it (no branch in the tile loop)
@@ -182,11 +177,23 @@ def _ds_kernel(
             ok = tl.minimum(ok, tl.min(b_ok.to(tl.int32), axis=0))
         if ok > 0:
             b_a = tl.exp2((b_rh - r_ref) * LOG2E + b_rl * LOG2E + COL_FACTOR_SHIFT)
-            b_dscale = _ds_columns(*args, b_a, r_ref, b_dscale, *meta, True)
+            b_dscale = _ds_columns(
+                q_ptr, k_ptr, q_desc, k_desc, ds_ptr, c_lse_ptr, g_col_ptr, stride_gc, pid_m, o_i,
+                m_m, col_lo, col_hi, D, stride_qm, stride_qd, stride_kn, stride_kd, stride_dsm,
+                s, out, b_rh, b_rl, b_gr, b_y, b_gp, b_a, r_ref, b_dscale, BLOCK_M, BLOCK_N,
+                BLOCK_D, EVEN, SYMMETRIC, UPCAST, IS_FP32, PRECISION, PRECISE, ROUNDED, TMA, True)
         else:
-            b_dscale = _ds_columns(*args, b_a, r_ref, b_dscale, *meta, False)
+            b_dscale = _ds_columns(
+                q_ptr, k_ptr, q_desc, k_desc, ds_ptr, c_lse_ptr, g_col_ptr, stride_gc, pid_m, o_i,
+                m_m, col_lo, col_hi, D, stride_qm, stride_qd, stride_kn, stride_kd, stride_dsm,
+                s, out, b_rh, b_rl, b_gr, b_y, b_gp, b_a, r_ref, b_dscale, BLOCK_M, BLOCK_N,
+                BLOCK_D, EVEN, SYMMETRIC, UPCAST, IS_FP32, PRECISION, PRECISE, ROUNDED, TMA, False)
     else:
-        b_dscale = _ds_columns(*args, b_a, r_ref, b_dscale, *meta, False)
+        b_dscale = _ds_columns(
+            q_ptr, k_ptr, q_desc, k_desc, ds_ptr, c_lse_ptr, g_col_ptr, stride_gc, pid_m, o_i,
+            m_m, col_lo, col_hi, D, stride_qm, stride_qd, stride_kn, stride_kd, stride_dsm,
+            s, out, b_rh, b_rl, b_gr, b_y, b_gp, b_a, r_ref, b_dscale, BLOCK_M, BLOCK_N,
+            BLOCK_D, EVEN, SYMMETRIC, UPCAST, IS_FP32, PRECISION, PRECISE, ROUNDED, TMA, False)
     tl.store(dscale_ptr + pid_m * tl.num_programs(1) + pid_c, tl.sum(b_dscale))
 
 
