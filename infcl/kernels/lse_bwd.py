@@ -57,64 +57,6 @@ def _stats(lse_ptr, g_ptr, stride_g, o, mask):
     return b_hi, b_lo, b_g
 
 
-COL_FACTOR_SHIFT = tl.constexpr(20.0)
-"""The separable backward's row factors `exp(lse_r - R)` are kept times 2^COL_FACTOR_SHIFT and
-its column factors divided by it (see `_ds_kernel`)."""
-SEPARABLE_SPAN = tl.constexpr(59.0)
-"""The separable backward takes a program's columns only where every column's LSE is less than this
-far below R, the largest row LSE of the program's rows (and its incoming gradient is 0 or
-between 2^-64 and 2^60 in size). Then what the product drops to underflow is below 2^-40 of
-the column's gradient: `exp(S - lse_r)` flushes 87.3 below the row LSE and the row factor
-`exp(lse_r - R) * 2^20` 101.2 below R, each leaving `exp(S - lse_c) < exp(SPAN - 87.3)`; the
-column factor `g_c exp(R - lse_c) / 2^20` neither overflows nor, where it flushes, hides more
-than 2^-106 of |g_c|. Other programs take the exact column softmax."""
-
-
-@triton.jit
-def _ds_columns(
-    q_ptr, k_ptr, q_desc, k_desc, ds_ptr, c_lse_ptr, g_col_ptr, stride_gc, pid_m, o_i, m_m,
-    col_lo, col_hi, D, stride_qm, stride_qd, stride_kn, stride_kd, stride_dsm, s, out,
-    b_rh, b_rl, b_gr, b_y, b_gp, b_a, r_ref, b_dscale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN: tl.constexpr,
-    SYMMETRIC: tl.constexpr, UPCAST: tl.constexpr, IS_FP32: tl.constexpr,
-    PRECISION: tl.constexpr, PRECISE: tl.constexpr, ROUNDED: tl.constexpr, TMA: tl.constexpr,
-    SEP: tl.constexpr,
-):
-    """The tile loop of `_ds_kernel` over columns `[col_lo, col_hi)`: stores dS, returns the
-    rows' dscale sums. SEP: the column softmax from the row's (see `_ds_kernel`)."""
-    for start_n in range(col_lo, col_hi, BLOCK_N):
-        o_n = start_n + tl.arange(0, BLOCK_N)
-        m_n = o_n < col_hi
-        b_acc = qk_tile(  # [BLOCK_M, BLOCK_N], q @ k.T unscaled (k's offsets in 64 bits)
-            q_ptr, k_ptr, q_desc, k_desc, (pid_m * BLOCK_M).to(tl.int32), start_n, o_i,
-            o_n.to(tl.int64), m_m, m_n, D, stride_qm, stride_qd, stride_kn, stride_kd,
-            BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION, TMA,
-        )
-        b_s = scale_logits(b_acc, s, ROUNDED)
-        b_pr = _softmax(b_s, b_rh[:, None], b_rl[:, None], PRECISE)
-        if SYMMETRIC:
-            b_ch, b_cl, b_gc = _stats(c_lse_ptr, g_col_ptr, stride_gc, o_n, m_n)  # [BLOCK_N]
-            if SEP:
-                b_b = b_gc * tl.exp2((r_ref - b_ch) * LOG2E - b_cl * LOG2E - COL_FACTOR_SHIFT)
-                b_ds = b_pr * (b_gr[:, None] + b_a[:, None] * b_b[None, :])
-            else:
-                b_ds = b_gr[:, None] * b_pr + b_gc[None, :] * _softmax(
-                    b_s, b_ch[None, :], b_cl[None, :], PRECISE)
-        else:
-            b_ds = b_gr[:, None] * b_pr
-        b_ds += tl.where(o_n[None, :] == b_y[:, None], b_gp[:, None], 0.0)
-        if not EVEN:
-            b_ds = tl.where(m_m[:, None] & m_n[None, :], b_ds, 0.0)  # [BLOCK_M, BLOCK_N]
-        b_dscale += tl.sum(b_ds * b_acc, axis=1).to(b_dscale.dtype)
-        p_ds = ds_ptr + o_i[:, None] * stride_dsm + o_n[None, :]
-        b_out = (b_ds * out).to(ds_ptr.dtype.element_ty)
-        if EVEN:
-            tl.store(p_ds, b_out)
-        else:
-            tl.store(p_ds, b_out, mask=m_m[:, None] & m_n[None, :])
-    return b_dscale
-
-
 @triton.jit
 def _ds_kernel(
     q_ptr, k_ptr, q_desc, k_desc, scale_ptr, inv_g_ptr, y_ptr,
@@ -133,17 +75,10 @@ def _ds_kernel(
     PRECISE: tl.constexpr,  # fp32 inputs: subtract the LSE in two exact steps (see _softmax)
     ROUNDED: tl.constexpr,  # fp32, fp16 on a GPU: S rounded alone (see logits.scale_logits)
     TMA: tl.constexpr,  # q and k through the descriptors of this block (see logits.qk_tile)
-    SEPARABLE: tl.constexpr,  # (symmetric bf16, fp16) the column softmax from the row's
 ):
     """Writes `scale * dS` (fp16: `scale * dS / g_max`) in ds's dtype, so that the GEMMs after
     it give dq and dk without another pass; and per-program partial sums of `dS * (q @ k.T)`.
-    Offsets inside the block (M, N <= BWD_BLOCK) are 32-bit, the row bases 64-bit.
-
-    With SEPARABLE the column softmax comes from the row softmax and no second exponential:
-    `exp(S - lse_c) = exp(S - lse_r) * exp(lse_r - R) * exp(R - lse_c)`, a row factor and a
-    column factor (one exponential per column per tile), so `dS = p_r * (g_r + a_i * b_j)`: two
-    operations per logit for both directions. A program whose columns hold one where that could
-    lose a term that matters (`SEPARABLE_SPAN`) takes the exact formula for all of them."""
+    Offsets inside the block (M, N <= BWD_BLOCK) are 32-bit, the row bases 64-bit."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1)
     q_ptr += pid_m * BLOCK_M * stride_qm
@@ -161,39 +96,29 @@ def _ds_kernel(
     b_dscale = tl.zeros([BLOCK_M], dtype=tl.float32)
     if PRECISE:  # fp32: the sum of `dS * (q @ k.T)` cancels; its rows add up in float64
         b_dscale = b_dscale.to(tl.float64)
-    b_a = tl.zeros([BLOCK_M], dtype=tl.float32)
-    r_ref = tl.max(tl.where(m_m, b_rh, float("-inf")), axis=0)  # R, for SEPARABLE
-    if SEPARABLE:
-        # one pass over the columns' statistics first: the whole column range takes the
-        # separable formula, or none of it (no branch in the tile loop)
-        ok = tl.min(tl.full([BLOCK_N], 1, dtype=tl.int32), axis=0)
-        for start_n in range(col_lo, col_hi, BLOCK_N):
-            o_n = start_n + tl.arange(0, BLOCK_N)
-            m_n = o_n < col_hi
-            b_ch, _, b_gc = _stats(c_lse_ptr, g_col_ptr, stride_gc, o_n, m_n)
-            b_gabs = tl.abs(b_gc)
-            b_ok = ((r_ref - b_ch < SEPARABLE_SPAN) & (
-                (b_gc == 0.0) | ((b_gabs >= 2.0**-64) & (b_gabs < 2.0**60)))) | (o_n >= col_hi)
-            ok = tl.minimum(ok, tl.min(b_ok.to(tl.int32), axis=0))
-        if ok > 0:
-            b_a = tl.exp2((b_rh - r_ref) * LOG2E + b_rl * LOG2E + COL_FACTOR_SHIFT)
-            b_dscale = _ds_columns(
-                q_ptr, k_ptr, q_desc, k_desc, ds_ptr, c_lse_ptr, g_col_ptr, stride_gc, pid_m, o_i,
-                m_m, col_lo, col_hi, D, stride_qm, stride_qd, stride_kn, stride_kd, stride_dsm,
-                s, out, b_rh, b_rl, b_gr, b_y, b_gp, b_a, r_ref, b_dscale, BLOCK_M, BLOCK_N,
-                BLOCK_D, EVEN, SYMMETRIC, UPCAST, IS_FP32, PRECISION, PRECISE, ROUNDED, TMA, True)
+    for start_n in range(col_lo, col_hi, BLOCK_N):
+        o_n = start_n + tl.arange(0, BLOCK_N)
+        m_n = o_n < col_hi
+        b_acc = qk_tile(  # [BLOCK_M, BLOCK_N], q @ k.T unscaled (k's offsets in 64 bits)
+            q_ptr, k_ptr, q_desc, k_desc, (pid_m * BLOCK_M).to(tl.int32), start_n, o_i,
+            o_n.to(tl.int64), m_m, m_n, D, stride_qm, stride_qd, stride_kn, stride_kd,
+            BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION, TMA,
+        )
+        b_s = scale_logits(b_acc, s, ROUNDED)
+        b_ds = b_gr[:, None] * _softmax(b_s, b_rh[:, None], b_rl[:, None], PRECISE)
+        if SYMMETRIC:
+            b_ch, b_cl, b_gc = _stats(c_lse_ptr, g_col_ptr, stride_gc, o_n, m_n)  # [BLOCK_N]
+            b_ds += b_gc[None, :] * _softmax(b_s, b_ch[None, :], b_cl[None, :], PRECISE)
+        b_ds += tl.where(o_n[None, :] == b_y[:, None], b_gp[:, None], 0.0)
+        if not EVEN:
+            b_ds = tl.where(m_m[:, None] & m_n[None, :], b_ds, 0.0)  # [BLOCK_M, BLOCK_N]
+        b_dscale += tl.sum(b_ds * b_acc, axis=1).to(b_dscale.dtype)
+        p_ds = ds_ptr + o_i[:, None] * stride_dsm + o_n[None, :]
+        b_out = (b_ds * out).to(ds_ptr.dtype.element_ty)
+        if EVEN:
+            tl.store(p_ds, b_out)
         else:
-            b_dscale = _ds_columns(
-                q_ptr, k_ptr, q_desc, k_desc, ds_ptr, c_lse_ptr, g_col_ptr, stride_gc, pid_m, o_i,
-                m_m, col_lo, col_hi, D, stride_qm, stride_qd, stride_kn, stride_kd, stride_dsm,
-                s, out, b_rh, b_rl, b_gr, b_y, b_gp, b_a, r_ref, b_dscale, BLOCK_M, BLOCK_N,
-                BLOCK_D, EVEN, SYMMETRIC, UPCAST, IS_FP32, PRECISION, PRECISE, ROUNDED, TMA, False)
-    else:
-        b_dscale = _ds_columns(
-            q_ptr, k_ptr, q_desc, k_desc, ds_ptr, c_lse_ptr, g_col_ptr, stride_gc, pid_m, o_i,
-            m_m, col_lo, col_hi, D, stride_qm, stride_qd, stride_kn, stride_kd, stride_dsm,
-            s, out, b_rh, b_rl, b_gr, b_y, b_gp, b_a, r_ref, b_dscale, BLOCK_M, BLOCK_N,
-            BLOCK_D, EVEN, SYMMETRIC, UPCAST, IS_FP32, PRECISION, PRECISE, ROUNDED, TMA, False)
+            tl.store(p_ds, b_out, mask=m_m[:, None] & m_n[None, :])
     tl.store(dscale_ptr + pid_m * tl.num_programs(1) + pid_c, tl.sum(b_dscale))
 
 
@@ -235,7 +160,6 @@ def ds_bwd(
             UPCAST=INTERPRET and q.dtype in (torch.float16, torch.bfloat16),
             IS_FP32=q.dtype == torch.float32, PRECISION=precision,
             PRECISE=q.dtype == torch.float32, ROUNDED=configs.rounded_logits(q.dtype), TMA=tma,
-            SEPARABLE=symmetric and q.dtype != torch.float32,
             num_warps=t.num_warps, num_stages=t.num_stages,
         )
 
