@@ -132,6 +132,33 @@ def chunked_bwd(
     loss is symmetric when `col_lse` is not empty.
     """
     acc = acc_dtype(q)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dscale = chunked_bwd_into(
+        q, k, scale, labels, col_offset, row_lse, col_lse, g_row, g_col, g_pos, chunk_size,
+        precision, dq, dk,
+    )
+    return dq.to(q.dtype), dk.to(k.dtype), dscale.to(scale.dtype)
+
+
+@chunked_bwd.register_fake
+def chunked_bwd_fake(
+    q, k, scale, labels, col_offset, row_lse, col_lse, g_row, g_col, g_pos, chunk_size, precision
+):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(scale)
+
+
+@torch.library.custom_op("infcl::chunked_bwd_into", mutates_args=("dq", "dk"))
+@autocast_off
+def chunked_bwd_into(
+    q: Tensor, k: Tensor, scale: Tensor, labels: Tensor, col_offset: int,
+    row_lse: Tensor, col_lse: Tensor, g_row: Tensor, g_col: Tensor, g_pos: Tensor,
+    chunk_size: int, precision: str, dq: Tensor, dk: Tensor,
+) -> Tensor:
+    """`infcl::chunked_bwd` that adds the block's dq and dk into `dq` [M, D] and `dk` [N, D]
+    (contiguous, in the accumulation dtype) and returns its dscale in that dtype: the ring adds
+    every step's gradients into one fp32 buffer each, with no block gradient of its own."""
+    acc = acc_dtype(q)
     m, n = q.shape[0], k.shape[0]
     cs = chunk_size if chunk_size > 0 else default_chunk_size(m, n)
     s = scale.to(acc)
@@ -143,11 +170,7 @@ def chunked_bwd(
     y = labels - col_offset
     hit = (y >= 0) & (y < n)
     yc = y.clamp(0, max(n - 1, 0))
-    dq = torch.empty(q.shape, dtype=acc, device=q.device)
-    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dscale = torch.zeros((), dtype=acc, device=q.device)
-    if n == 0:
-        dq.zero_()
     for a in range(0, m if n > 0 else 0, cs):
         b = min(a + cs, m)
         qc = q[a:b].to(acc)
@@ -158,17 +181,19 @@ def chunked_bwd(
             ds = ds + g_col[None, :] * torch.exp((st - c_hi[None, :]) - c_lo[None, :])
         gp = torch.where(hit[a:b], g_pos[a:b], torch.zeros_like(g_pos[a:b]))
         ds = ds.scatter_add(1, yc[a:b, None], gp[:, None])  # [rows, N]: the logits' gradient
-        dq[a:b] = (ds @ kf) * s
-        dk += ds.T @ qc
         dscale += (ds * gc).sum()  # elementwise, as the kernels do: <q, dS k> loses digits
-    return dq.to(q.dtype), (dk * s).to(k.dtype), dscale.to(scale.dtype)
+        ds = ds.mul_(s)  # scaled before the products: the accumulators hold other blocks' sums
+        dq[a:b].addmm_(ds, kf)
+        dk.addmm_(ds.T, qc)
+    return dscale
 
 
-@chunked_bwd.register_fake
-def chunked_bwd_fake(
-    q, k, scale, labels, col_offset, row_lse, col_lse, g_row, g_col, g_pos, chunk_size, precision
+@chunked_bwd_into.register_fake
+def chunked_bwd_into_fake(
+    q, k, scale, labels, col_offset, row_lse, col_lse, g_row, g_col, g_pos, chunk_size,
+    precision, dq, dk,
 ):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(scale)
+    return q.new_empty((), dtype=acc_dtype(q))
 
 
 def _register_block_autograd(fwd_op, bwd_op) -> None:
@@ -350,30 +375,53 @@ def chunked_sigmoid_bwd(
     """dq, dk, dscale, dbias of `sum(g_row * per_row)` for one block:
     `dS = g_row * (sigmoid(S) - onehot)`, the positive's term as `-sigmoid(-S)` (exact)."""
     acc = acc_dtype(q)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dscale, dbias = chunked_sigmoid_bwd_into(
+        q, k, scale, bias, labels, col_offset, g_row, chunk_size, precision, dq, dk
+    )
+    return dq.to(q.dtype), dk.to(k.dtype), dscale.to(scale.dtype), dbias.to(bias.dtype)
+
+
+@chunked_sigmoid_bwd.register_fake
+def chunked_sigmoid_bwd_fake(q, k, scale, bias, labels, col_offset, g_row, chunk_size, precision):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(scale), torch.empty_like(bias)
+
+
+@torch.library.custom_op("infcl::chunked_sigmoid_bwd_into", mutates_args=("dq", "dk"))
+@autocast_off
+def chunked_sigmoid_bwd_into(
+    q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, labels: Tensor, col_offset: int,
+    g_row: Tensor, chunk_size: int, precision: str, dq: Tensor, dk: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """`infcl::chunked_sigmoid_bwd` that adds dq and dk into the accumulators `dq` and `dk`
+    (as `infcl::chunked_bwd_into`) and returns dscale and dbias in the accumulation dtype."""
+    acc = acc_dtype(q)
     m, n = q.shape[0], k.shape[0]
     cs = chunk_size if chunk_size > 0 else default_chunk_size(m, n)
     s, b = scale.to(acc), bias.to(acc)
     kf = k.to(acc)
     g = g_row.to(acc)
     y = labels - col_offset
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dscale = torch.zeros((), dtype=acc, device=q.device)
     dbias = torch.zeros((), dtype=acc, device=q.device)
     for a in range(0, m if n > 0 else 0, cs):
         qc = q[a : a + cs].to(acc)
         gc, st, hit = _sigmoid_strip(qc, kf.T, s, b, y[a : a + cs])
         ds = g[a : a + cs, None] * torch.where(hit, -torch.sigmoid(-st), torch.sigmoid(st))
-        dq[a : a + cs] = (ds @ kf) * s
-        dk += ds.T @ qc
         dscale += (ds * gc).sum()
         dbias += ds.sum()
-    return dq.to(q.dtype), (dk * s).to(k.dtype), dscale.to(scale.dtype), dbias.to(bias.dtype)
+        ds = ds.mul_(s)
+        dq[a : a + cs].addmm_(ds, kf)
+        dk.addmm_(ds.T, qc)
+    return dscale, dbias
 
 
-@chunked_sigmoid_bwd.register_fake
-def chunked_sigmoid_bwd_fake(q, k, scale, bias, labels, col_offset, g_row, chunk_size, precision):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(scale), torch.empty_like(bias)
+@chunked_sigmoid_bwd_into.register_fake
+def chunked_sigmoid_bwd_into_fake(q, k, scale, bias, labels, col_offset, g_row, chunk_size,
+                                  precision, dq, dk):
+    acc = acc_dtype(q)
+    return q.new_empty((), dtype=acc), q.new_empty((), dtype=acc)
 
 
 def _register_sigmoid_autograd(fwd_op, bwd_op) -> None:

@@ -47,9 +47,12 @@ describe(
     ranks. DistributedDataParallel's averaging then yields the gradient of the mean over ranks,
     the scale's included (no extra all-reduce, so it is not W times too large).
 
-    Memory per rank beyond the inputs and their gradients: one strip of `chunk_size x N_max`
-    logits and O((M_r + N_max) * D) for two key blocks in flight, the fp32 dq and travelling
-    key-gradient accumulators and the column statistics (N_max: the largest key shard). With
+    Memory per rank beyond the inputs: the two gradients, the fp32 dq accumulator (for 16-bit
+    inputs; fp32 and fp64 accumulate in dq itself), a few key slices of at most
+    `N_max / 8` rows (two in flight, the travelling fp32 key gradient, the block's fp32 copy),
+    one strip of `chunk_size` rows of logits and O(M_r + N_max) statistics (N_max: the largest
+    key shard; shards of at least 65536 rows are cut into 8 slices, smaller ones into fewer). For
+    bf16 with M_r = N_r that is at most about twice the rank's input bytes. With
     `group=None` (the default) or a group of one rank this is `chunked_loss`: distribution is
     opt-in, so a loss computed on one rank alone (validation, say) never joins a collective.
 
@@ -60,8 +63,9 @@ describe(
 
     Communication: W - 1 key-block transfers forward and backward (`batch_isend_irecv`, posted
     before each step's compute), plus the column LSEs (symmetric) and the key gradients, which
-    follow their block one step behind and arrive home after the last step. Symmetric mode
-    uses the same single ring.
+    follow their block one step behind (received between steps) and arrive home after the last
+    step; large shards travel in slices, one ring per slice, the same bytes in all. Symmetric
+    mode uses the same single ring.
 
     Args:
         group: the process group of the ring, e.g. `torch.distributed.group.WORLD` (None:

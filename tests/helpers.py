@@ -294,6 +294,65 @@ class Allocations(TorchDispatchMode):
         return out
 
 
+class LiveBytes(TorchDispatchMode):
+    """The peak of the bytes held by storages made while active, each counted from the op that
+    makes it until it is freed (a weakref finalizer on the storage), with what was live at that
+    peak. The bodies of `infcl::` ops run under the mode too (`torch.ops.infcl.*` and ops called
+    from them), so one call of a public loss and its backward shows every buffer, transfers'
+    receive buffers included; the memory held before (the inputs) is not counted.
+
+    `at_peak` lists (where, shape, dtype, bytes): `where` is the innermost `infcl/` line that
+    made the storage (`file.py:line`), or the op's name."""
+
+    def __init__(self):
+        super().__init__()
+        self.now = self.peak = 0
+        self.live: dict[int, tuple[str, tuple[int, ...], torch.dtype, int]] = {}
+        self.at_peak: list[tuple[str, tuple[int, ...], torch.dtype, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import torch._library.custom_ops as custom_ops
+
+        kwargs = kwargs or {}
+        given = {a.untyped_storage().data_ptr() for a in [*args, *kwargs.values()]
+                 if isinstance(a, torch.Tensor)}
+        body = custom_ops.OPDEFS.get(func._schema.name) if func.namespace == "infcl" else None
+        if body is not None:
+            with self:
+                out = body._init_fn(*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:
+                self._track(t, str(func))
+        return out
+
+    def _track(self, t: Tensor, op: str) -> None:
+        import sys
+        import weakref
+
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key == 0 or key in self.live:
+            return
+        where, frame = op, sys._getframe(2)
+        while frame is not None:
+            parts = frame.f_code.co_filename.replace("\\", "/").split("/")
+            if "infcl" in parts[:-1]:
+                where = f"{parts[-1]}:{frame.f_lineno}"
+                break
+            frame = frame.f_back
+        self.live[key] = (where, tuple(t.shape), t.dtype, storage.nbytes())
+        self.now += storage.nbytes()
+        weakref.finalize(storage, self._free, key)
+        if self.now > self.peak:
+            self.peak = self.now
+            self.at_peak = list(self.live.values())
+
+    def _free(self, key: int) -> None:
+        self.now -= self.live.pop(key)[3]
+
+
 @contextlib.contextmanager
 def tma_everywhere(bwd_block: int | None = None) -> Iterator[None]:
     """The TMA path (descriptor loads and its tiles) at any size, not only past

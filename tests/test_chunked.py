@@ -226,3 +226,32 @@ def test_opcheck_bwd(dtype, symmetric):
             torch.ops.infcl.chunked_bwd.default,
             (q, k, scale, labels, 0, row, col, g_row, g_col, g_pos, chunk_size, "tf32"),
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_bwd_into_adds_to_accumulators(dtype, symmetric):
+    """`infcl::chunked_bwd_into` (the ring's step) adds the gradients of `infcl::chunked_bwd`
+    into accumulators holding other blocks' sums, in the accumulation dtype (opcheck: schema,
+    fake, the mutation declared)."""
+    gen = torch.Generator().manual_seed(7)
+    q, k, scale, labels = (x.detach() for x in _op_args(gen, m=9, n=9, dtype=dtype))
+    row, col, _ = torch.ops.infcl.chunked_fwd(q, k, scale, labels, 0, symmetric, 0, "tf32")
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g_row, g_pos = (torch.randn(9, generator=gen, dtype=acc) for _ in range(2))
+    g_col = torch.randn(col.shape, generator=gen, dtype=acc)
+    args = (q, k, scale, labels, 3, row, col, g_row, g_col, g_pos, 2, "tf32")
+    dq0, dk0 = (torch.randn(9, 5, generator=gen, dtype=acc) for _ in range(2))
+    dq, dk = dq0.clone(), dk0.clone()
+    dscale = torch.ops.infcl.chunked_bwd_into(*args, dq, dk)
+    want = torch.ops.infcl.chunked_bwd(*args)
+    # chunked_bwd rounds its gradients to the input dtype once; the accumulators stay in acc
+    rtol, atol = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-6),
+                  torch.bfloat16: (1e-2, 1e-3)}[dtype]
+    for got, base, ref in ((dq, dq0, want[0]), (dk, dk0, want[1])):
+        assert got.dtype == acc
+        torch.testing.assert_close(got - base, ref.to(acc), rtol=rtol, atol=atol)
+    torch.testing.assert_close(dscale.to(scale.dtype), want[2], rtol=1e-5, atol=1e-6)
+    torch.library.opcheck(torch.ops.infcl.chunked_bwd_into.default, (*args, dq, dk))
+    s_args = (q, k, scale, torch.tensor(-1.0), labels, 3, g_row, 2, "tf32")
+    torch.library.opcheck(torch.ops.infcl.chunked_sigmoid_bwd_into.default, (*s_args, dq, dk))

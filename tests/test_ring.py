@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_utils import BIG_LOGITS, PINNED, POOL_SIZE, Ctx, Pool, Sharded, check_case, draw_cases
-from helpers import Allocations, assert_close_to_naive
+from helpers import Allocations, LiveBytes, assert_close_to_naive
 
 from infcl import naive_loss
 from infcl.chunked import chunked_loss
@@ -46,6 +46,28 @@ def test_matches_naive_on_global_batch(pool, world):
         for r, msgs in enumerate(per_rank)
         if (msg := msgs[i])
     ]
+    assert not failures, f"{len(failures)} mismatches:\n" + "\n".join(failures[:10])
+
+
+def job_cases_sliced(ctx: Ctx, cases: list[Sharded]) -> list[str]:
+    """check_case with the ring's passes over slices of the key shards at any shard size (a
+    slice of every row: shards of up to 6 rows give up to RING_SLICES passes, empty slices
+    and shards included)."""
+    from infcl.dist import ring
+
+    saved, ring.MIN_SLICE_COLUMNS = ring.MIN_SLICE_COLUMNS, 1
+    try:
+        return [check_case(ctx, p, ring_loss) for p in cases]
+    finally:
+        ring.MIN_SLICE_COLUMNS = saved
+
+
+@pytest.mark.parametrize("world", [w for w in (2, 3, 4) if w <= POOL_SIZE])
+def test_sliced_ring_matches_naive(pool, world):
+    cases = [p for p in PINNED if p.world == world] + draw_cases(world, DRAWN_PER_WORLD // 3)
+    per_rank = pool.run(job_cases_sliced, cases)
+    failures = [f"{p}\n  rank {r}: {msg}" for i, p in enumerate(cases)
+                for r, msgs in enumerate(per_rank) if (msg := msgs[i])]
     assert not failures, f"{len(failures)} mismatches:\n" + "\n".join(failures[:10])
 
 
@@ -371,10 +393,22 @@ SIGMOID_CASES = [
 ]
 
 
-def job_sigmoid(ctx: Ctx) -> list[str] | None:
+def job_sigmoid(ctx: Ctx, sliced: bool) -> list[str] | None:
     """ring_sigmoid_loss on every rank's shard against naive_sigmoid_loss on the global batch:
     each rank's loss of its own rows, dq and dk of the sum of the ranks' losses, and the dscale
-    and dbias shares adding up to that sum's gradient."""
+    and dbias shares adding up to that sum's gradient. `sliced`: the ring in passes over
+    slices of every row of the key shards (as `job_cases_sliced`)."""
+    from infcl.dist import ring
+
+    saved = ring.MIN_SLICE_COLUMNS
+    ring.MIN_SLICE_COLUMNS = 1 if sliced else saved
+    try:
+        return _sigmoid_cases(ctx)
+    finally:
+        ring.MIN_SLICE_COLUMNS = saved
+
+
+def _sigmoid_cases(ctx: Ctx) -> list[str]:
     from helpers import FLOOR, within
 
     from infcl import naive_sigmoid_loss, ring_sigmoid_loss
@@ -431,16 +465,21 @@ def job_sigmoid(ctx: Ctx) -> list[str] | None:
     return out
 
 
-def test_sigmoid_ring_matches_naive(pool):
-    per_rank = [x for x in pool.run(job_sigmoid) if x is not None]
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole", "sliced"])
+def test_sigmoid_ring_matches_naive(pool, sliced):
+    per_rank = [x for x in pool.run(job_sigmoid, sliced) if x is not None]
     bad = [m for msgs in per_rank for m in msgs if m]
     assert per_rank and not bad, bad
 
 
-def job_key_gradient_allocations(ctx: Ctx, world: int) -> int | None:
-    """The fp32 tensors of a key shard's shape that one rank's backward makes (bf16 inputs):
-    its dq accumulator, the travelling key gradient's first fp32 copy and one receive buffer per
-    hop; the blocks' own gradients are added in as they come and the sum goes home in bf16."""
+def job_key_gradient_allocations(ctx: Ctx, world: int) -> tuple[int, int] | None:
+    """The tensors of a key shard's shape that one rank's backward makes (bf16 inputs, one pass:
+    shards below MIN_SLICE_COLUMNS), as (fp32, bf16) counts. fp32: the dq accumulator, the
+    travelling key gradient's zeroed buffer at the first step and one receive buffer per hop
+    (W + 1; the block op adds its gradients into these in place, so no fp32 block gradient and
+    no sum of two). bf16: the keys received, one per hop, the sum rounded once for its last
+    hop and the two gradients (W + 2; no bf16 block gradients, and the sum is received
+    straight into dk)."""
     if not ctx.member(world):
         return None
     from infcl.dist import group_name
@@ -460,10 +499,79 @@ def job_key_gradient_allocations(ctx: Ctx, world: int) -> int | None:
         dq, dk, _ = ring_bwd._init_fn(q, k, s, y, sizes, True, True, row, col, g, g, -2 * g,
                                       name, "chunked", 0, "ieee")
     assert dq.dtype == dk.dtype == torch.bfloat16
-    return sum(1 for shape, dtype in log.made if shape == (n, d) and dtype == torch.float32)
+    made = [dtype for shape, dtype in log.made if shape == (n, d)]
+    return made.count(torch.float32), made.count(torch.bfloat16)
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_ring_backward_makes_few_key_sized_fp32_tensors(pool, world):
     counts = [c for c in pool.run(job_key_gradient_allocations, world) if c is not None]
-    assert counts == [world + 1] * world, counts
+    assert counts == [(world + 1, world + 2)] * world, counts
+
+
+PEAK_N, PEAK_D, PEAK_CHUNK = 256, 256, 32
+"""Rows of q and of k per rank, D and chunk_size of the peak-memory test: a statistic vector of
+n float64 is 1/128 of a bf16 shard, an fp32 strip of q 1/16 of it."""
+
+
+def job_peak_memory(ctx: Ctx, world: int) -> list[tuple[str, float, float, float]] | None:
+    """This rank's peak of the bytes that ring_loss's forward and backward hold beyond the
+    inputs (`helpers.LiveBytes`: every storage made, from the op that makes it to its release),
+    the bound from the buffer count and its part in shard-sized buffers, all in units of the
+    rank's input bytes (its q and k shards), per dtype and direction. The shards are cut into RING_SLICES passes (S = n / R
+    rows of k per slice); with e the inputs' item size and a = 4 (fp32 accumulation):
+
+    * at the end of the backward: the dq accumulator (n*D*a bytes) beside both gradients
+      (2*n*D*e) while it is rounded into dq; for fp32 inputs the accumulator is dq itself;
+    * during a step of the last pass: the accumulator, dk (n*D*e, its slices home), and at
+      most four slice-sized buffers (S*D*a each): the travelling key gradient, the one being
+      received or the next key slice, the current key slice and the block op's fp32 copy of it;
+    * beside either: O(n) statistics, at most 16 vectors of n 8-byte numbers (LSEs, positives,
+      labels, the incoming gradients and their copies in a block op), two fp32 strips of q
+      (chunk_size x D: the last one and the next) and four of chunk_size x S logits.
+
+    bf16: max(4 + 2 + 2, 4 + 2 + 16/R) n*D = 2 inputs at R = 8; fp32: max(4 + 4, 4 + 4 + 2)
+    n*D = 1.25 inputs. The exact fp32 dq accumulator with the two gradients is the floor (2x for
+    16-bit inputs): every other buffer is at most a slice."""
+    if not ctx.member(world):
+        return None
+    from infcl.dist import ring
+
+    group, r = ctx.group(world), ctx.group_rank(world)
+    n, d, cs = PEAK_N, PEAK_D, PEAK_CHUNK
+    passes = ring.RING_SLICES
+    saved, ring.MIN_SLICE_COLUMNS = ring.MIN_SLICE_COLUMNS, n // passes
+    out = []
+    try:
+        for dtype in (torch.bfloat16, torch.float32):
+            for symmetric in (True, False):
+                gen = torch.Generator().manual_seed(r)
+                q = torch.randn(n, d, generator=gen).to(dtype).to(ctx.device).requires_grad_()
+                k = torch.randn(n, d, generator=gen).to(dtype).to(ctx.device).requires_grad_()
+                s = torch.tensor(3.0, device=ctx.device, requires_grad=True)
+                with LiveBytes() as mem:
+                    ring_loss(q, k, s, symmetric=symmetric, group=group, chunk_size=cs).backward()
+                e, a, rows = q.element_size(), 4, n // passes
+                acc = n * d * a
+                end = acc + (n * d * e if e != a else 0) + n * d * e
+                step = acc + n * d * e + 4 * rows * d * a
+                small = 16 * n * 8 + 2 * cs * d * 4 + 4 * cs * rows * 4
+                inputs = q.nbytes + k.nbytes
+                out.append((f"{dtype} symmetric={symmetric}", mem.peak / inputs,
+                            (max(end, step) + small) / inputs, max(end, step) / inputs))
+    finally:
+        ring.MIN_SLICE_COLUMNS = saved
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ring_peak_memory_per_rank(pool, world):
+    """Issue 11, target 5: the ring's peak per rank is at most about twice its input bytes
+    (bf16; 1.25x for fp32), the buffer count of `job_peak_memory`; it was 9-10x (bf16) and
+    4x (fp32) with whole-shard transfers and block gradients."""
+    per_rank = [x for x in pool.run(job_peak_memory, world) if x is not None]
+    assert len(per_rank) == world
+    for results in per_rank:
+        for case, peak, bound, buffers in results:
+            assert peak <= bound, f"{case}: peak {peak:.3f}x the inputs > bound {bound:.3f}x"
+            assert buffers <= (2.0 if "bfloat16" in case else 1.25), (case, buffers)

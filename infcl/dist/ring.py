@@ -15,11 +15,17 @@ works on the key block of rank `src = r - t`:
   over all ranks' rows.
 * backward: the block travels ahead again, with its column statistics (global column LSE and the
   gradient of its column LSE) when symmetric; dq and dscale accumulate locally; the block's key
-  gradient follows one step behind, like the column accumulator, and arrives home after W steps.
+  gradient (fp32) follows one step behind and arrives home after W steps. It is received before
+  the step that adds to it (while the next keys arrive during the compute), so each rank holds
+  one of it, and the block op adds into it and into dq in place (`<block>_bwd_into`, where the
+  block has one).
 
-On CUDA the transfers run on the process group's own communication stream (NCCL), so they overlap
-the block compute on the current stream without a stream of ours. The block op pair is a parameter:
-`block="chunked"` runs `infcl::chunked_fwd` / `_bwd` (torch tiles) at every step, `"inf"` runs
+Large shards are cut into up to `RING_SLICES` slices of key rows, and each ring above runs once
+per slice: the transfers and the travelling key gradient are a slice's size, and the memory per
+rank is the fp32 dq accumulator and the gradients, plus a few slices. On CUDA the transfers run
+on the process group's own communication stream (NCCL), so they overlap the block compute on the
+current stream without a stream of ours. The block op pair is a parameter: `block="chunked"`
+runs `infcl::chunked_fwd` / `_bwd_into` (torch tiles) at every step, `"inf"` runs
 `infcl::inf_fwd` / `_bwd` (Triton); both take the same arguments, `chunk_size` and `precision`
 included, and each uses its own.
 
@@ -34,6 +40,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -59,6 +66,17 @@ NO_IGNORE = -(1 << 63)
 TAG_KEYS, TAG_TRAIL, TAG_STATS = 0, 1, 2
 """P2P tags: gloo matches messages by (peer, tag), and W=2 sends several tensors to one peer."""
 
+RING_SLICES = 8
+"""Passes of each ring over slices of every key shard (rows of k, columns of the logits): a
+transfer, the travelling key gradient and a block op's working copy of the keys then hold
+1/RING_SLICES of a shard each, so that the backward's peak is the fp32 dq accumulator beside the
+two gradients while it is rounded into dq (the floor with exact fp32 accumulation: twice the
+inputs for 16-bit inputs with as many q as k rows)."""
+
+MIN_SLICE_COLUMNS = 8192
+"""The fewest key rows a slice is cut to: smaller shards take fewer passes (one below this), so
+that small blocks do not pay the per-step overhead RING_SLICES times."""
+
 
 def group_size(group: dist.ProcessGroup | None) -> int:
     """Ranks in `group`; None means this process alone. A loss runs the ring when it is > 1."""
@@ -79,11 +97,6 @@ def resolve_group(name: str) -> dist.ProcessGroup:
         if pg_name == name:
             return pg
     raise ValueError(f"no process group named {name!r}")
-
-
-def _block_ops(block: str):
-    """The (forward, backward) op pair of a block, from the `infcl::` op namespace."""
-    return getattr(torch.ops.infcl, f"{block}_fwd"), getattr(torch.ops.infcl, f"{block}_bwd")
 
 
 class _Ring:
@@ -229,6 +242,18 @@ def _offsets(sizes: list[int]) -> list[int]:
     return out
 
 
+def _slices(ns: list[int]) -> list[list[tuple[int, int]]]:
+    """The passes of a ring: per pass, every rank's row range `(lo, hi)` of its own key shard.
+    Every rank computes the same table from the shared sizes."""
+    passes = max(1, min(RING_SLICES, max(ns) // MIN_SLICE_COLUMNS))
+    return [[(n * p // passes, n * (p + 1) // passes) for n in ns] for p in range(passes)]
+
+
+def _keys(k: Tensor, lo: int, hi: int) -> Tensor:
+    """Rows lo:hi of this rank's keys, as the first block of a pass (a view when k is dense)."""
+    return k.detach()[lo:hi].contiguous()
+
+
 def _global_labels(labels: Tensor, diagonal: bool, m: int, row_offset: int) -> Tensor:
     if diagonal:
         return torch.arange(row_offset, row_offset + m, device=labels.device)
@@ -237,46 +262,81 @@ def _global_labels(labels: Tensor, diagonal: bool, m: int, row_offset: int) -> T
 
 def _backward_ring(
     ring: _Ring, k: Tensor, ns: list[int], acc: torch.dtype, stats: Tensor | None,
-    step: Callable[[int, Tensor, Tensor | None], Tensor],
+    step: Callable[[int, int, Tensor, Tensor | None, Tensor], None],
 ) -> Tensor:
-    """The backward's ring, shared by both losses. At step t the key block of rank
-    `src = r - t` (with `stats`, its column statistics, when given) is sent ahead to the next
-    rank while `step(src, keys, stats)` computes this rank's rows against it and returns the
-    block's key gradient (k's dtype or `acc`). That gradient follows its block one step behind
-    in `acc`, each rank adding its rows' part as it is (no `acc` copy of it), and arrives home
-    after the last step: the return value, this rank's dk summed over every rank's rows, in k's
-    dtype. The sum makes its last hop already rounded to k's dtype: the same single rounding
-    as at home, with half the bytes on the wire and in the receive buffer."""
+    """The backward's ring, shared by both losses; returns this rank's dk, summed over every
+    rank's rows, in k's dtype. In each pass over a slice of the key shards (`_slices`), step t
+    works on the slice of rank `src = r - t`: its keys (with `stats`, their column statistics,
+    when given) are sent ahead to the next rank while `step(src, col, keys, stats, dk)` adds
+    this rank's rows' part of the slice's key gradient into `dk` (fp32: `acc`) in place; `col`
+    is the slice's first global column. That `dk` is the sum over the ranks before, received
+    from the previous rank before the step, so one buffer travels (no block gradient beside
+    it, no second buffer to compute into while it arrives); after the last step it goes home
+    already rounded to k's dtype (one rounding, as at home, half the bytes on the wire),
+    straight into its rows of the result."""
     w, r = ring.world, ring.rank
     d = k.shape[1]
-    kb = k.detach().contiguous()
-    trail = None  # key gradient of the block finished last step, summed over the ranks so far
-    for t in range(w):
-        src = (r - t) % w
-        sends, recvs, k_next, stats_next, trail_in = [], [], None, None, None
-        if t < w - 1:
-            n_next = ns[(src - 1) % w]
-            k_next = k.new_empty((n_next, d))
-            sends.append((TAG_KEYS, kb))
-            recvs.append((TAG_KEYS, k_next))
-            if stats is not None:
-                stats_next = stats.new_empty((stats.shape[0], n_next))
-                sends.append((TAG_STATS, stats))
-                recvs.append((TAG_STATS, stats_next))
-        if t > 0:
-            trail_in = torch.empty((ns[src], d), dtype=acc, device=k.device)
-            sends.append((TAG_TRAIL, trail))
-            recvs.append((TAG_TRAIL, trail_in))
-        works = ring.start(sends, recvs)
-        dk_b = step(src, kb, stats)
-        _wait(works)
-        trail = dk_b.to(acc) if trail_in is None else trail_in.add_(dk_b)
-        if k_next is not None:
-            kb, stats = k_next, stats_next
-    if w == 1:
-        return trail.to(k.dtype)
-    home = torch.empty((ns[r], d), dtype=k.dtype, device=k.device)
-    return ring.exchange(trail.to(k.dtype), home, TAG_TRAIL)
+    col_off = _offsets(ns)
+    dk = None  # made when the first slice comes home (one pass: after the ring, not during it)
+    for cols in _slices(ns):
+        sizes = [hi - lo for lo, hi in cols]
+        kb = _keys(k, *cols[r])
+        sb = None if stats is None else stats[:, cols[r][0] : cols[r][1]].contiguous()
+        trail = None  # key gradient of this step's slice, summed over the ranks so far
+        for t in range(w):
+            src = (r - t) % w
+            if t == 0:
+                trail = torch.zeros((sizes[src], d), dtype=acc, device=k.device)
+            else:  # sent on, and dropped, before the keys of the next step are received
+                trail = ring.exchange(trail, trail.new_empty((sizes[src], d)), TAG_TRAIL)
+            sends, recvs, k_next, stats_next = [], [], None, None
+            if t < w - 1:
+                n_next = sizes[(src - 1) % w]
+                k_next = k.new_empty((n_next, d))
+                sends.append((TAG_KEYS, kb))
+                recvs.append((TAG_KEYS, k_next))
+                if sb is not None:
+                    stats_next = sb.new_empty((sb.shape[0], n_next))
+                    sends.append((TAG_STATS, sb))
+                    recvs.append((TAG_STATS, stats_next))
+            works = ring.start(sends, recvs)
+            step(src, col_off[src] + cols[src][0], kb, sb, trail)
+            _wait(works)
+            kb, sb = k_next, stats_next
+        dk = k.new_empty((ns[r], d)) if dk is None else dk
+        mine = dk[cols[r][0] : cols[r][1]]
+        if w == 1:
+            mine.copy_(trail)
+        else:
+            ring.exchange(trail.to(k.dtype), mine, TAG_TRAIL)
+        del trail
+    return dk
+
+
+def _backward_into(block: str, kind: str = "") -> Callable[..., tuple[Tensor, ...]]:
+    """`into(*block_bwd_args, dq, dk)`: block `block`'s backward (`kind="_sigmoid"`: the
+    sigmoid one) adding its dq and dk into fp32 accumulators; returns its scalar gradients.
+    Through the block's `<block><kind>_bwd_into` op, in place, where it has one; otherwise the
+    gradients of its `_bwd` op are added (a block-sized gradient of each at every step)."""
+    ops = torch.ops.infcl
+    if hasattr(ops, f"{block}{kind}_bwd_into"):
+        op = getattr(ops, f"{block}{kind}_bwd_into")
+
+        def into(*args: Any) -> tuple[Tensor, ...]:
+            out = op(*args)
+            return out if isinstance(out, tuple) else (out,)
+
+        return into
+    bwd = getattr(ops, f"{block}{kind}_bwd")
+
+    def add(*args: Any) -> tuple[Tensor, ...]:
+        *args, dq, dk = args
+        dq_b, dk_b, *scalars = bwd(*args)
+        dq.add_(dq_b)
+        dk.add_(dk_b)
+        return tuple(scalars)
+
+    return add
 
 
 @torch.library.custom_op("infcl::ring_fwd", mutates_args=())
@@ -290,7 +350,7 @@ def ring_fwd(
     `[[M_0..M_{W-1}], [N_0..N_{W-1}]]` that the backward reuses. With `diagonal` the labels
     argument is ignored and row i of rank r takes global column `sum(M_<r) + i`.
     """
-    fwd, _ = _block_ops(block)
+    fwd = getattr(torch.ops.infcl, f"{block}_fwd")
     ring = _Ring(group_name)
     ms, ns = _exchange_shapes(ring, q, k, scale, labels, diagonal, symmetric, ignore_index)
     w, r = ring.world, ring.rank
@@ -301,37 +361,41 @@ def ring_fwd(
     s = scale.detach()
     row = torch.full((m,), float("-inf"), dtype=LSE_DTYPE, device=q.device)
     pos = torch.zeros(m, dtype=acc, device=q.device)
-    kb = k.detach().contiguous()
-    trail = None  # column LSE of the block finished last step, merged over the ranks so far
-    for t in range(w):
-        src = (r - t) % w
-        sends, recvs, k_next, trail_in = [], [], None, None
-        if t < w - 1:
-            k_next = k.new_empty((ns[(src - 1) % w], d))
-            sends.append((TAG_KEYS, kb))
-            recvs.append((TAG_KEYS, k_next))
-        if symmetric and t > 0:
-            trail_in = row.new_empty(ns[src])
-            sends.append((TAG_TRAIL, trail))
-            recvs.append((TAG_TRAIL, trail_in))
-        works = ring.start(sends, recvs)
-        if m and ns[src]:
-            row_b, col_b, pos_b = fwd(q, kb, s, y, col_off[src], symmetric, chunk_size, precision)
-            row = torch.logaddexp(row, row_b)
-            pos = pos + pos_b
-        else:
-            col_b = row.new_full((ns[src] if symmetric else 0,), float("-inf"))
-        _wait(works)
-        if symmetric:
-            trail = col_b if trail_in is None else torch.logaddexp(trail_in, col_b)
-        if k_next is not None:
+    col = row.new_empty(ns[r] if symmetric else 0)
+    for cols in _slices(ns):
+        sizes = [hi - lo for lo, hi in cols]
+        kb = _keys(k, *cols[r])
+        trail = None  # column LSE of the slice finished last step, merged over the ranks so far
+        for t in range(w):
+            src = (r - t) % w
+            sends, recvs, k_next, trail_in = [], [], None, None
+            if t < w - 1:
+                k_next = k.new_empty((sizes[(src - 1) % w], d))
+                sends.append((TAG_KEYS, kb))
+                recvs.append((TAG_KEYS, k_next))
+            if symmetric and t > 0:
+                trail_in = row.new_empty(sizes[src])
+                sends.append((TAG_TRAIL, trail))
+                recvs.append((TAG_TRAIL, trail_in))
+            works = ring.start(sends, recvs)
+            if m and sizes[src]:
+                row_b, col_b, pos_b = fwd(
+                    q, kb, s, y, col_off[src] + cols[src][0], symmetric, chunk_size, precision
+                )
+                row = torch.logaddexp(row, row_b)
+                pos = pos + pos_b
+            else:
+                col_b = row.new_full((sizes[src] if symmetric else 0,), float("-inf"))
+            _wait(works)
+            if symmetric:
+                trail = col_b if trail_in is None else torch.logaddexp(trail_in, col_b)
             kb = k_next
-    if not symmetric:
-        col = row.new_empty(0)
-    elif w == 1:
-        col = trail
-    else:
-        col = ring.exchange(trail, row.new_empty(ns[r]), TAG_TRAIL)
+        if symmetric:  # home, into this rank's columns of the slice
+            mine = col[cols[r][0] : cols[r][1]]
+            if w == 1:
+                mine.copy_(trail)
+            else:
+                ring.exchange(trail, mine, TAG_TRAIL)
     return row, col, pos, torch.tensor([ms, ns], dtype=torch.int64)
 
 
@@ -362,13 +426,12 @@ def ring_bwd(
     Summed over ranks the dscale shares give the gradient of the sum of every rank's terms:
     there is no all-reduce, so DDP's averaging yields the gradient of the mean over ranks.
     """
-    _, bwd = _block_ops(block)
+    into = _backward_into(block)
     ring = _Ring(group_name)
     ms, ns = sizes.tolist()
     r = ring.rank
     acc = acc_dtype(q)
     m, d = q.shape
-    col_off = _offsets(ns)
     y = _global_labels(labels, diagonal, m, _offsets(ms)[r])
     s = scale.detach()
     dq = torch.zeros((m, d), dtype=acc, device=q.device)
@@ -376,16 +439,14 @@ def ring_bwd(
     stats = torch.stack([col_lse, g_col.to(col_lse.dtype)]) if symmetric else None  # [2, N_src]
     no_col = row_lse.new_empty(0)
 
-    def step(src: int, kb: Tensor, stats_b: Tensor | None) -> Tensor:
-        if not (m and ns[src]):
-            return dq.new_zeros((ns[src], d))
+    def step(src: int, col: int, kb: Tensor, stats_b: Tensor | None, dk: Tensor) -> None:
+        if not (m and kb.shape[0]):
+            return
         c_lse, c_g = (stats_b[0], stats_b[1]) if stats_b is not None else (no_col, no_col)
-        dq_b, dk_b, dscale_b = bwd(
-            q, kb, s, y, col_off[src], row_lse, c_lse, g_row, c_g, g_pos, chunk_size, precision
+        (dscale_b,) = into(
+            q, kb, s, y, col, row_lse, c_lse, g_row, c_g, g_pos, chunk_size, precision, dq, dk
         )
-        dq.add_(dq_b)
         dscale.add_(dscale_b)
-        return dk_b
 
     dk = _backward_ring(ring, k, ns, acc, stats, step)
     return dq.to(q.dtype), dk, dscale.to(scale.dtype)
@@ -437,17 +498,18 @@ def ring_sigmoid_fwd(
     y = _global_labels(labels, diagonal, m, _offsets(ms)[r])
     s, b = scale.detach(), bias.detach()
     per = torch.zeros(m, dtype=acc_dtype(q), device=q.device)
-    kb = k.detach().contiguous()
-    for t in range(w):
-        src = (r - t) % w
-        k_next, works = None, []
-        if t < w - 1:
-            k_next = k.new_empty((ns[(src - 1) % w], d))
-            works = ring.start([(TAG_KEYS, kb)], [(TAG_KEYS, k_next)])
-        if m and ns[src]:
-            per = per + fwd(q, kb, s, b, y, col_off[src], chunk_size, precision)
-        _wait(works)
-        if k_next is not None:
+    for cols in _slices(ns):
+        sizes = [hi - lo for lo, hi in cols]
+        kb = _keys(k, *cols[r])
+        for t in range(w):
+            src = (r - t) % w
+            k_next, works = None, []
+            if t < w - 1:
+                k_next = k.new_empty((sizes[(src - 1) % w], d))
+                works = ring.start([(TAG_KEYS, kb)], [(TAG_KEYS, k_next)])
+            if m and sizes[src]:
+                per = per + fwd(q, kb, s, b, y, col_off[src] + cols[src][0], chunk_size, precision)
+            _wait(works)
             kb = k_next
     return per, torch.tensor([ms, ns], dtype=torch.int64)
 
@@ -467,29 +529,24 @@ def ring_sigmoid_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """This rank's dq, dk and its shares of dscale and dbias for `sum(g_row * per_row)`; the key
     gradient follows its block one step behind and arrives home after the last step."""
-    bwd = getattr(torch.ops.infcl, f"{block}_sigmoid_bwd")
+    into = _backward_into(block, "_sigmoid")
     ring = _Ring(group_name)
     ms, ns = sizes.tolist()
     r = ring.rank
     acc = acc_dtype(q)
     m, d = q.shape
-    col_off = _offsets(ns)
     y = _global_labels(labels, diagonal, m, _offsets(ms)[r])
     s, b = scale.detach(), bias.detach()
     dq = torch.zeros((m, d), dtype=acc, device=q.device)
     dscale = torch.zeros((), dtype=acc, device=q.device)
     dbias = torch.zeros((), dtype=acc, device=q.device)
 
-    def step(src: int, kb: Tensor, _stats: Tensor | None) -> Tensor:
-        if not (m and ns[src]):
-            return dq.new_zeros((ns[src], d))
-        dq_b, dk_b, dscale_b, dbias_b = bwd(
-            q, kb, s, b, y, col_off[src], g_row, chunk_size, precision
-        )
-        dq.add_(dq_b)
+    def step(src: int, col: int, kb: Tensor, _stats: Tensor | None, dk: Tensor) -> None:
+        if not (m and kb.shape[0]):
+            return
+        dscale_b, dbias_b = into(q, kb, s, b, y, col, g_row, chunk_size, precision, dq, dk)
         dscale.add_(dscale_b)
         dbias.add_(dbias_b)
-        return dk_b
 
     dk = _backward_ring(ring, k, ns, acc, None, step)
     return dq.to(q.dtype), dk, dscale.to(scale.dtype), dbias.to(bias.dtype)
